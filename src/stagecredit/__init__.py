@@ -1,0 +1,35 @@
+"""stagecredit: which training stage deserves the credit or the blame for a behaviour of the final model.
+
+Sign convention everywhere: ``τ_k = f(θ_T) − f(θ_T without stage k)``; for a
+loss-like behaviour ``τ_k > 0`` is blame (stage k made it worse) and
+``τ_k < 0`` is credit.
+"""
+
+from stagecredit.behaviours.loss import GroupMean, PerExampleLoss
+from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attribute
+from stagecredit.estimators.embedding import StageEmbedding
+from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+from stagecredit.recording.stage import Pipeline, Stage
+from stagecredit.storage.run import Run
+from stagecredit.storage.tensor_files import RunFileError
+from stagecredit.validation.retrain import retrain_effects
+from stagecredit.validation.validate import ValidationReport, validate
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Attribution",
+    "GroupMean",
+    "PerExampleLoss",
+    "Pipeline",
+    "Run",
+    "RunFileError",
+    "SIGN_CONVENTION",
+    "Stage",
+    "StageEmbedding",
+    "UnsupportedOptimizerError",
+    "ValidationReport",
+    "attribute",
+    "retrain_effects",
+    "validate",
+]

@@ -1,0 +1,74 @@
+"""Ready-made behaviours: callables ``(model) -> Tensor[N]``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from stagecredit.recording.batches import collate, dataset_length
+
+
+def cross_entropy_per_example(model: torch.nn.Module, batch: Any) -> torch.Tensor:
+    inputs, targets = batch[0], batch[1]
+    return F.cross_entropy(model(inputs), targets, reduction="none")
+
+
+class PerExampleLoss:
+    """The loss of every example of an evaluation set, ``[N]`` (loss-like: larger is worse).
+
+    ``loss_fn(model, batch)`` must return one loss per example (``[B]``); the
+    default is cross-entropy on ``(inputs, targets)`` batches. The set is
+    evaluated in chunks of ``batch_size`` so memory does not grow with ``N``.
+    """
+
+    kind = "loss"
+
+    def __init__(self, data: Any, loss_fn: Optional[Callable[[torch.nn.Module, Any], torch.Tensor]] = None,
+                 *, batch_size: int = 1024, name: str = "per-example loss") -> None:
+        self.data = data
+        self.loss_fn = loss_fn or cross_entropy_per_example
+        self.batch_size = batch_size
+        self.name = name
+        self.n = dataset_length(data)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        chunks = []
+        for start in range(0, self.n, self.batch_size):
+            batch = collate(self.data, range(start, min(start + self.batch_size, self.n)))
+            losses = self.loss_fn(model, batch)
+            if losses.ndim != 1:
+                raise ValueError(
+                    f"{self.name}: loss_fn returned shape {tuple(losses.shape)}; PerExampleLoss needs one loss per "
+                    "example (e.g. reduction='none')"
+                )
+            chunks.append(losses)
+        return torch.cat(chunks)
+
+
+class GroupMean:
+    """Mean of a per-example behaviour within each group: ``[G]``, in the order of ``group_names``.
+
+    ``groups`` holds one group label (an int in ``0..G-1``) per example.
+    """
+
+    def __init__(self, behaviour: Callable[[torch.nn.Module], torch.Tensor], groups: Sequence[int] | torch.Tensor,
+                 group_names: Optional[Sequence[str]] = None) -> None:
+        self.behaviour = behaviour
+        self.groups = torch.as_tensor(groups, dtype=torch.long)
+        count = int(self.groups.max()) + 1
+        self.group_names = list(group_names) if group_names is not None else [f"group {g}" for g in range(count)]
+        if len(self.group_names) < count:
+            raise ValueError(f"{count} groups but only {len(self.group_names)} group names")
+        self.name = f"group mean of {getattr(behaviour, 'name', 'behaviour')}"
+        self.kind = getattr(behaviour, "kind", "loss")
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        values = self.behaviour(model)
+        sums = torch.zeros(len(self.group_names), dtype=values.dtype).index_add(0, self.groups, values)
+        counts = torch.bincount(self.groups, minlength=len(self.group_names)).to(values.dtype)
+        return sums / counts

@@ -1,0 +1,133 @@
+"""Stage embeddings ``e_k`` (``θ_T^(−k) ≈ θ_T − e_k``) for each estimator."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Optional
+
+import torch
+
+from stagecredit.estimators.optimizers import (
+    STATE_KEY,
+    adam_preconditioner,
+    carried_state_source,
+    counterfactual_state_source,
+    stage_kind,
+)
+from stagecredit.estimators.propagation import ADAM, StageTransition, stage_transition
+from stagecredit.storage.run import Run
+
+METHODS = ("delta", "aa")
+
+
+@dataclasses.dataclass
+class StageEmbedding:
+    """``e_k``: how far the final parameters sit from where they would be without stage k."""
+
+    stage: str
+    index: int  # 1-based, θ^(index) ends this stage
+    method: str
+    vector: dict[str, torch.Tensor]
+    seconds: float
+
+    def norm(self) -> float:
+        return float(torch.sqrt(sum((v.double() ** 2).sum() for v in self.vector.values())))
+
+
+def stage_delta(run: Run, k: int) -> dict[str, torch.Tensor]:
+    """``Δ_k = θ^(k) − θ^(k−1)``, exactly, from the recorded checkpoints."""
+    after, before = run.parameters(k), run.parameters(k - 1)
+    return {name: after[name] - before[name] for name in run.parameter_names}
+
+
+def _state_tensor(run: Run, k: Optional[int], name: str, key: str, like: torch.Tensor) -> torch.Tensor:
+    if k is None:
+        return torch.zeros_like(like, dtype=torch.float64)
+    value = run.optimizer_state(k).get(f"{name}/{key}")
+    return torch.zeros_like(like, dtype=torch.float64) if value is None else value.to(torch.float64)
+
+
+def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTransition]:
+    """The ``H = 0`` transition of stage ``j``, per parameter name."""
+    kind = stage_kind(run, j, method)
+    record = run.stage_records[j - 1]
+    steps = run.steps(j)
+    source = carried_state_source(run, j)
+    out: dict[str, StageTransition] = {}
+    for g, names in enumerate(record.param_groups):
+        hp = steps[-1]["groups"][g]
+        coupled_decay = any(s["groups"][g].get("weight_decay", 0.0) != 0 for s in steps) and not hp.get(
+            "decoupled_weight_decay", False
+        )
+        if kind == ADAM and (coupled_decay or source is not None):
+            # δm can be non-zero, so Adam's per-parameter preconditioner matters.
+            for name in names:
+                precond = adam_preconditioner(run, j, name, hp)
+                out[name] = stage_transition(steps, g, kind, fresh=source is None, precond=precond)
+        else:
+            shared = None
+            for name in names:
+                fresh = source is None or f"{name}/{STATE_KEY[kind]}" not in run.optimizer_state(source)
+                if shared is None or shared[0] != fresh:
+                    shared = (fresh, stage_transition(steps, g, kind, fresh=fresh))
+                out[name] = shared[1]
+    return out
+
+
+def delta_embeddings(run: Run) -> list[StageEmbedding]:
+    out = []
+    for k, record in enumerate(run.stage_records, start=1):
+        start = time.perf_counter()
+        vector = stage_delta(run, k)
+        out.append(StageEmbedding(record.name, k, "delta", vector, time.perf_counter() - start))
+    return out
+
+
+def aa_embeddings(run: Run) -> list[StageEmbedding]:
+    """``e_k`` with every later step linearised at ``H = 0`` (DESIGN §3, estimator 2).
+
+    Stage maps are composed from the last stage backwards, so each later stage's
+    schedule is walked once for all K embeddings.
+    """
+    K = run.num_stages
+    names = run.parameter_names
+    start = time.perf_counter()
+    transitions = {j: stage_transitions(run, j) for j in range(2, K + 1)}
+    # suffix[k][name]: the map from the end of stage k to the end of training.
+    suffix: dict[int, dict[str, StageTransition]] = {K: {n: StageTransition.identity() for n in names}}
+    for k in range(K - 1, 0, -1):
+        suffix[k] = {n: transitions[k + 1][n].then(suffix[k + 1][n]) for n in names}
+    shared_seconds = time.perf_counter() - start
+
+    out = []
+    for k, record in enumerate(run.stage_records, start=1):
+        t0 = time.perf_counter()
+        delta = stage_delta(run, k)
+        vector = {}
+        for name in names:
+            d_theta = -delta[name].to(torch.float64)
+            d_state = torch.zeros_like(d_theta)
+            if k < K and carried_state_source(run, k + 1) is not None:
+                kind = stage_kind(run, k + 1, "aa")
+                key = STATE_KEY[kind]
+                d_state = _state_tensor(run, counterfactual_state_source(run, k), name, key, d_theta) - _state_tensor(
+                    run, k, name, key, d_theta
+                )
+            propagated, _ = suffix[k][name].apply(d_theta, d_state)
+            vector[name] = (-propagated).to(delta[name].dtype)
+        out.append(StageEmbedding(record.name, k, "aa", vector, time.perf_counter() - t0 + shared_seconds / K))
+    return out
+
+
+def stage_embeddings(run: Run, method: str) -> list[StageEmbedding]:
+    """All K stage embeddings for ``method``, cached on the run."""
+    key = ("embeddings", method)
+    if key not in run._cache:
+        if method == "delta":
+            run._cache[key] = delta_embeddings(run)
+        elif method == "aa":
+            run._cache[key] = aa_embeddings(run)
+        else:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    return run._cache[key]

@@ -1,0 +1,79 @@
+"""Which recorded optimizers the dynamics-aware estimators understand."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from stagecredit.estimators.propagation import ADAM, SGD
+from stagecredit.storage.run import Run, StageRecord
+
+SUPPORTED = {
+    "torch.optim.sgd.SGD": SGD,
+    "torch.optim.adam.Adam": ADAM,
+    "torch.optim.adamw.AdamW": ADAM,
+}
+STATE_KEY = {SGD: "momentum_buffer", ADAM: "exp_avg"}
+
+
+class UnsupportedOptimizerError(ValueError):
+    """A stage's optimizer (or one of its settings) has no linearised update here."""
+
+
+def optimizer_kind(record: StageRecord, method: str) -> str:
+    kind = SUPPORTED.get(record.optimizer_class)
+    if kind is None:
+        raise UnsupportedOptimizerError(
+            f"stage {record.name!r} was trained with {record.optimizer_class}, whose update the {method!r} "
+            f"estimator cannot propagate (supported: torch.optim.SGD, Adam, AdamW). "
+            f"method='delta' still works on this run."
+        )
+    return kind
+
+
+def check_step_settings(record: StageRecord, steps: list[dict], method: str) -> None:
+    for group in steps[0]["groups"] if steps else []:
+        if group.get("maximize", False):
+            raise UnsupportedOptimizerError(
+                f"stage {record.name!r} uses maximize=True, which {method!r} does not model; method='delta' still works."
+            )
+
+
+def stage_kind(run: Run, k: int, method: str) -> str:
+    record = run.stage_records[k - 1]
+    kind = optimizer_kind(record, method)
+    check_step_settings(record, run.steps(k), method)
+    return kind
+
+
+def carried_state_source(run: Run, k: int) -> Optional[int]:
+    """The stage whose end-of-stage optimizer state stage ``k`` starts from (None: fresh)."""
+    return k - 1 if run.stage_records[k - 1].carry_optimizer_state and k >= 2 else None
+
+
+def counterfactual_state_source(run: Run, skipped: int) -> Optional[int]:
+    """With stage ``skipped`` removed, the stage whose state the next stage starts from.
+
+    The counterfactual carries the state from the end of stage ``skipped − 1`` when
+    that stage ran the same optimizer class; otherwise the next stage starts fresh.
+    """
+    prev = skipped - 1
+    nxt = skipped + 1
+    if prev < 1 or nxt > run.num_stages or not run.stage_records[nxt - 1].carry_optimizer_state:
+        return None
+    if run.stage_records[prev - 1].optimizer_class != run.stage_records[nxt - 1].optimizer_class:
+        return None
+    return prev
+
+
+def adam_preconditioner(run: Run, k: int, name: str, group_hp: dict) -> torch.Tensor:
+    """``1 / (√v̂ + ε)`` from the optimizer state recorded at the end of stage k."""
+    state = run.optimizer_state(k)
+    key = f"{name}/max_exp_avg_sq" if group_hp.get("amsgrad", False) else f"{name}/exp_avg_sq"
+    if key not in state:
+        raise KeyError(f"stage {k} optimizer state has no {key!r}; was it trained with Adam/AdamW?")
+    t = float(state[f"{name}/step"])
+    beta2 = group_hp["betas"][1]
+    v_hat = state[key].to(torch.float64) / (1 - beta2**t)
+    return 1.0 / (v_hat.sqrt() + group_hp["eps"])

@@ -1,0 +1,165 @@
+"""How a perturbation of the training state travels through later training steps.
+
+This is the accountability-attribution (AA) propagation of DESIGN §3. Removing
+stage k changes the state at the end of stage k by ``(δθ, δs)`` — parameters
+and the optimizer's first-moment buffer (SGD momentum buffer or Adam
+``exp_avg``). Each later step is linearised around the recorded trajectory:
+
+* SGD (torch semantics, coupled L2): ``δg = (H + λ) δθ``; the momentum buffer
+  ``δb ← μ δb + (1 − dampening) δg`` (the first step of a fresh optimizer
+  copies ``δg``); Nesterov steps along ``δg + μ δb``; ``δθ ← δθ − η · step``.
+* Adam / AdamW: ``δg = (H + λ_coupled) δθ``; decoupled decay first scales
+  ``δθ`` by ``(1 − η λ)``; ``δm ← β1 δm + (1 − β1) δg``;
+  ``δθ ← δθ − η / (1 − β1^t) · P δm`` with ``P = diag(1 / (√v̂ + ε))``.
+  The first-order change of the second moment ``v`` is neglected, and ``v̂``
+  is taken from the optimizer state recorded at the end of the stage (Adam's
+  bias-corrected second moment is close to stationary within a stage).
+
+With ``H = 0`` (the ``aa`` estimator) every coefficient is a scalar per
+parameter group — or a per-parameter diagonal when Adam's preconditioner acts
+on a non-zero ``δm`` — so a whole stage collapses to a 2×2 map
+(:class:`StageTransition`) that is computed once from the recorded schedule and
+applied to ``Δ_k`` in one pass. A non-``None`` ``hvp`` keeps the curvature term.
+
+Functions here are pure: tensors and recorded hyper-parameters in, tensors out.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+
+Coefficient = Union[torch.Tensor, float]
+HVP = Callable[[torch.Tensor], torch.Tensor]
+
+SGD = "sgd"
+ADAM = "adam"
+
+
+def sgd_tangent_step(
+    dtheta: torch.Tensor,
+    dbuf: torch.Tensor,
+    hp: dict[str, Any],
+    *,
+    first: bool,
+    hvp: Optional[HVP] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linearised ``torch.optim.SGD`` step applied to a tangent ``(δθ, δbuffer)``."""
+    lr, mu, damp, lam = hp["lr"], hp.get("momentum", 0.0), hp.get("dampening", 0.0), hp.get("weight_decay", 0.0)
+    dg = lam * dtheta
+    if hvp is not None:
+        dg = dg + hvp(dtheta)
+    if mu != 0:
+        dbuf = dg if first else mu * dbuf + (1 - damp) * dg
+        direction = dg + mu * dbuf if hp.get("nesterov", False) else dbuf
+    else:
+        direction = dg
+    return dtheta - lr * direction, dbuf
+
+
+def adam_tangent_step(
+    dtheta: torch.Tensor,
+    dm: torch.Tensor,
+    hp: dict[str, Any],
+    *,
+    t: int,
+    precond: Coefficient,
+    hvp: Optional[HVP] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One linearised ``torch.optim.Adam``/``AdamW`` step applied to ``(δθ, δexp_avg)``."""
+    lr, lam = hp["lr"], hp.get("weight_decay", 0.0)
+    beta1 = hp["betas"][0]
+    decoupled = hp.get("decoupled_weight_decay", False)
+    dg = hvp(dtheta) if hvp is not None else torch.zeros_like(dtheta)
+    if decoupled:
+        dtheta = dtheta * (1 - lr * lam)
+    elif lam != 0:
+        dg = dg + lam * dtheta
+    dm = beta1 * dm + (1 - beta1) * dg
+    return dtheta - (lr / (1 - beta1**t)) * precond * dm, dm
+
+
+def propagate_through_stage(
+    dtheta: torch.Tensor,
+    dstate: torch.Tensor,
+    steps: Sequence[dict[str, Any]],
+    group: int,
+    kind: str,
+    *,
+    fresh: bool,
+    precond: Coefficient = 1.0,
+    hvp_at: Optional[Callable[[int], HVP]] = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Carry ``(δθ, δs)`` for one param group through every recorded step of a stage.
+
+    ``fresh``: the stage started with a new optimizer, so the incoming ``δs`` is
+    dropped (both runs start the buffer from nothing). ``hvp_at(step)`` returns
+    the Hessian-vector product at that step, or ``None`` for ``H = 0``.
+    """
+    if fresh:
+        dstate = torch.zeros_like(dstate)
+    for i, record in enumerate(steps):
+        hp = record["groups"][group]
+        hvp = hvp_at(i) if hvp_at is not None else None
+        if kind == SGD:
+            dtheta, dstate = sgd_tangent_step(dtheta, dstate, hp, first=fresh and i == 0, hvp=hvp)
+        else:
+            dtheta, dstate = adam_tangent_step(dtheta, dstate, hp, t=record["adam_step"], precond=precond, hvp=hvp)
+    return dtheta, dstate
+
+
+@dataclasses.dataclass(frozen=True)
+class StageTransition:
+    """The linear map of one stage on ``(δθ, δs)``, with ``H = 0``::
+
+        δθ' = tt·δθ + ts·δs
+        δs' = st·δθ + ss·δs
+
+    Entries are scalars (0-d tensors) or per-parameter diagonals.
+    """
+
+    tt: torch.Tensor
+    ts: torch.Tensor
+    st: torch.Tensor
+    ss: torch.Tensor
+
+    @classmethod
+    def identity(cls) -> "StageTransition":
+        one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+        return cls(one, zero, zero, one)
+
+    def then(self, later: "StageTransition") -> "StageTransition":
+        """The map that applies ``self`` first and ``later`` after it."""
+        return StageTransition(
+            tt=later.tt * self.tt + later.ts * self.st,
+            ts=later.tt * self.ts + later.ts * self.ss,
+            st=later.st * self.tt + later.ss * self.st,
+            ss=later.st * self.ts + later.ss * self.ss,
+        )
+
+    def apply(self, dtheta: torch.Tensor, dstate: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.tt * dtheta + self.ts * dstate, self.st * dtheta + self.ss * dstate
+
+
+def stage_transition(
+    steps: Sequence[dict[str, Any]],
+    group: int,
+    kind: str,
+    *,
+    fresh: bool,
+    precond: Coefficient = 1.0,
+) -> StageTransition:
+    """Compose a stage's ``H = 0`` steps into one :class:`StageTransition`.
+
+    Propagates the two basis tangents ``(1, 0)`` and ``(0, 1)``; with a tensor
+    ``precond`` they broadcast to per-parameter diagonals.
+    """
+    shape = precond.shape if isinstance(precond, torch.Tensor) else ()
+    one = torch.ones(shape, dtype=torch.float64)
+    zero = torch.zeros(shape, dtype=torch.float64)
+    p = precond.to(torch.float64) if isinstance(precond, torch.Tensor) else precond
+    tt, st = propagate_through_stage(one, zero, steps, group, kind, fresh=fresh, precond=p)
+    ts, ss = propagate_through_stage(zero, one, steps, group, kind, fresh=fresh, precond=p)
+    return StageTransition(tt=tt, ts=ts, st=st, ss=ss)

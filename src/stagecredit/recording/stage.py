@@ -1,0 +1,77 @@
+"""What a user declares: the stages of a training pipeline."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
+OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
+
+
+@dataclasses.dataclass
+class Stage:
+    """One training stage: its data, loss, optimizer, schedule, length and seed.
+
+    ``data`` is a ``torch.utils.data.Dataset`` or a tuple of tensors sharing the
+    first dimension (e.g. ``(X, y)``). ``loss_fn(model, batch)`` returns the
+    scalar training loss (a per-example vector is averaged).
+
+    ``carry_optimizer_state``: start this stage's optimizer with the
+    per-parameter state (momentum buffers, Adam moments) of the optimizer that
+    ran just before it, instead of a fresh one. Hyper-parameters still come
+    from this stage's ``optimizer`` factory.
+    """
+
+    name: str
+    data: Any
+    loss_fn: LossFn
+    optimizer: OptimizerFactory
+    steps: int
+    batch_size: int
+    seed: int = 0
+    scheduler: Optional[SchedulerFactory] = None
+    carry_optimizer_state: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"stage name must be non-empty and contain no '/': {self.name!r}")
+        if self.steps < 1:
+            raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"stage {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A model factory and the stages that train it, in order.
+
+    ``model_fn`` must build the same initial model every time it is called
+    after ``torch.manual_seed(seed)``.
+    """
+
+    model_fn: Callable[[], torch.nn.Module]
+    stages: list[Stage]
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise ValueError("a Pipeline needs at least one Stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        if self.stages[0].carry_optimizer_state:
+            raise ValueError(f"stage {names[0]!r} is the first stage: there is no optimizer state to carry")
+
+    def build_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        return self.model_fn()
+
+    def run(self, path, *, progress: bool = True, overwrite: bool = False):
+        """Train every stage in order, recording the run under ``path``; return a ``Run``."""
+        from stagecredit.recording.training import record_pipeline
+
+        return record_pipeline(self, path, progress=progress, overwrite=overwrite)

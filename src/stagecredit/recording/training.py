@@ -1,0 +1,119 @@
+"""The training loop shared by recording a run and by every retraining replay.
+
+One code path trains both, so a replay with nothing skipped is bit-identical
+to the recorded run on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from stagecredit.progress import progress_bar
+from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
+from stagecredit.recording.optimizer_state import (
+    adam_step_count,
+    group_hyperparameters,
+    load_state_tensors,
+    param_names_by_group,
+    state_tensors,
+)
+from stagecredit.recording.stage import Pipeline, Stage
+
+
+@dataclasses.dataclass
+class StageResult:
+    optimizer_class: str
+    scheduler_class: Optional[str]
+    param_groups: list[list[str]]
+    steps: list[dict[str, Any]]
+    optimizer_state: dict[str, torch.Tensor]
+    seconds: float
+
+
+def train_stage(
+    model: torch.nn.Module,
+    stage: Stage,
+    batches: torch.Tensor,
+    carried_state: Optional[dict[str, torch.Tensor]] = None,
+    *,
+    advance: Optional[Callable[[], None]] = None,
+) -> StageResult:
+    """Train ``model`` in place through one stage on the given minibatch indices."""
+    start = time.perf_counter()
+    torch.manual_seed(stage.seed)  # dropout and other in-model randomness replay with the stage
+    optimizer = stage.optimizer(model.parameters())
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"stage {stage.name!r}: optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+    if carried_state:
+        load_state_tensors(optimizer, model, carried_state)
+    scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
+    groups = param_names_by_group(optimizer, model)
+    model.train()
+    records = []
+    for step in range(stage.steps):
+        batch = collate(stage.data, batches[step])
+        hyper = group_hyperparameters(optimizer)  # what this step really uses
+        optimizer.zero_grad(set_to_none=True)
+        loss = stage.loss_fn(model, batch)
+        if loss.ndim > 0:
+            loss = loss.mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"stage {stage.name!r}, step {step}: training loss is {loss.item()}")
+        loss.backward()
+        optimizer.step()
+        record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
+        t = adam_step_count(optimizer)
+        if t is not None:
+            record["adam_step"] = t
+        records.append(record)
+        if scheduler is not None:
+            scheduler.step()
+        if advance is not None:
+            advance()
+    return StageResult(
+        optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
+        scheduler_class=None if scheduler is None else f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
+        param_groups=groups,
+        steps=records,
+        optimizer_state=state_tensors(optimizer, model),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def importable_name(fn: Callable) -> Optional[str]:
+    """``"module:qualname"`` when ``fn`` can be imported back by that name, else None."""
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
+    if not module or module == "__main__" or "<" in qualname:
+        return None
+    try:
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        return None
+    return f"{module}:{qualname}" if obj is fn else None
+
+
+def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrite: bool = False):
+    from stagecredit.storage.run import Run, RunWriter
+
+    writer = RunWriter(Path(path), overwrite=overwrite)
+    model = pipeline.build_model()
+    writer.write_checkpoint(0, "init", model.state_dict())
+    total = sum(s.steps for s in pipeline.stages)
+    state: Optional[dict[str, torch.Tensor]] = None
+    stage_entries = []
+    with progress_bar("training", total, enabled=progress) as advance:
+        for k, stage in enumerate(pipeline.stages, start=1):
+            batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
+            result = train_stage(model, stage, batches, state if stage.carry_optimizer_state else None, advance=advance)
+            stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict()))
+            state = result.optimizer_state
+    writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))
+    return Run.load(path, pipeline=pipeline)

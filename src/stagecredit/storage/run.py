@@ -1,0 +1,251 @@
+"""A recorded run on disk: checkpoints and optimizer state in safetensors, the rest in JSON.
+
+Layout::
+
+    run.json                              manifest (written last: its presence marks a complete run)
+    checkpoints/00_init.safetensors       θ^(0) (parameters and buffers)
+    checkpoints/KK_<stage>.safetensors    θ^(k), end of stage k
+    stages/KK_<stage>/optimizer.safetensors  optimizer state at the end of stage k
+    stages/KK_<stage>/steps.json          per-step hyper-parameters, minibatch indices, loss
+
+Nothing is unpickled when a run is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import importlib
+import json
+import shutil
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from stagecredit.storage.atomic import atomic_save_tensors, atomic_write_json
+from stagecredit.storage.tensor_files import RunFileError, load_tensors
+
+FORMAT = "stagecredit.run/1"
+
+
+def _stage_dir(k: int, name: str) -> str:
+    return f"{k:02d}_{name}"
+
+
+class RunWriter:
+    def __init__(self, path: Path, *, overwrite: bool) -> None:
+        if (path / "run.json").exists():
+            if not overwrite:
+                raise FileExistsError(f"{path} already holds a recorded run; pass overwrite=True (CLI: --overwrite) to replace it")
+            shutil.rmtree(path)
+        path.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.init_entry: dict[str, str] = {}
+
+    def write_checkpoint(self, k: int, name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
+        rel = f"checkpoints/{_stage_dir(k, name)}.safetensors"
+        entry = {"path": rel, "sha256": atomic_save_tensors(self.path / rel, state_dict)}
+        if k == 0:
+            self.init_entry = entry
+        return entry
+
+    def write_stage(self, k, stage, batches: torch.Tensor, result, state_dict) -> dict[str, Any]:
+        folder = f"stages/{_stage_dir(k, stage.name)}"
+        optimizer_rel = f"{folder}/optimizer.safetensors"
+        steps_rel = f"{folder}/steps.json"
+        atomic_write_json(
+            self.path / steps_rel,
+            {"seed": stage.seed, "batch_indices": batches.tolist(), "steps": result.steps},
+        )
+        return {
+            "name": stage.name,
+            "steps": stage.steps,
+            "batch_size": stage.batch_size,
+            "seed": stage.seed,
+            "carry_optimizer_state": stage.carry_optimizer_state,
+            "optimizer_class": result.optimizer_class,
+            "scheduler_class": result.scheduler_class,
+            "param_groups": result.param_groups,
+            "train_seconds": result.seconds,
+            "checkpoint": self.write_checkpoint(k, stage.name, state_dict),
+            "optimizer_state": {"path": optimizer_rel, "sha256": atomic_save_tensors(self.path / optimizer_rel, result.optimizer_state)},
+            "steps_file": steps_rel,
+        }
+
+    def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
+        atomic_write_json(
+            self.path / "run.json",
+            {
+                "format": FORMAT,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "torch_version": torch.__version__,
+                "model_fn": model_fn_name,
+                "pipeline_seed": pipeline.seed,
+                "init": self.init_entry,
+                "stages": stages,
+            },
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRecord:
+    """What was recorded about one stage (1-based ``index`` as in the maths, θ^(index))."""
+
+    index: int
+    name: str
+    steps: int
+    batch_size: int
+    seed: int
+    carry_optimizer_state: bool
+    optimizer_class: str
+    scheduler_class: Optional[str]
+    param_groups: list[list[str]]
+
+    @property
+    def optimizer_name(self) -> str:
+        return self.optimizer_class.rsplit(".", 1)[-1]
+
+
+class Run:
+    """A recorded staged training run. Load with ``Run.load(path, pipeline=None)``."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], pipeline=None) -> None:
+        self.path = path
+        self.manifest = manifest
+        self._pipeline = pipeline
+        self._cache: dict[tuple, Any] = {}
+        if pipeline is not None:
+            self._check_pipeline(pipeline)
+
+    @classmethod
+    def load(cls, path, pipeline=None) -> "Run":
+        path = Path(path)
+        manifest_path = path / "run.json"
+        if not manifest_path.is_file():
+            raise RunFileError(f"no recorded run at {path}: {manifest_path} is missing (was the run interrupted?)")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunFileError(f"corrupted run file: {manifest_path} is not valid JSON ({exc})") from exc
+        if manifest.get("format") != FORMAT:
+            raise RunFileError(f"{manifest_path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+        return cls(path, manifest, pipeline)
+
+    def _check_pipeline(self, pipeline) -> None:
+        recorded = [(s.name, s.steps, s.batch_size, s.seed) for s in self.stage_records]
+        given = [(s.name, s.steps, s.batch_size, s.seed) for s in pipeline.stages]
+        if recorded != given:
+            raise ValueError(
+                f"the pipeline does not match the run at {self.path}: recorded stages (name, steps, batch, seed) "
+                f"{recorded}, pipeline has {given}"
+            )
+
+    # --- what was recorded -------------------------------------------------
+    @cached_property
+    def stage_records(self) -> list[StageRecord]:
+        return [
+            StageRecord(
+                index=k,
+                name=s["name"],
+                steps=s["steps"],
+                batch_size=s["batch_size"],
+                seed=s["seed"],
+                carry_optimizer_state=s["carry_optimizer_state"],
+                optimizer_class=s["optimizer_class"],
+                scheduler_class=s["scheduler_class"],
+                param_groups=s["param_groups"],
+            )
+            for k, s in enumerate(self.manifest["stages"], start=1)
+        ]
+
+    @property
+    def stages(self) -> list[str]:
+        return [s.name for s in self.stage_records]
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.manifest["stages"])
+
+    def _entry(self, k: int) -> dict[str, Any]:
+        if not 1 <= k <= self.num_stages:
+            raise IndexError(f"stage index {k} out of range 1..{self.num_stages}")
+        return self.manifest["stages"][k - 1]
+
+    def _load(self, entry: dict[str, str]) -> dict[str, torch.Tensor]:
+        key = ("file", entry["path"])
+        if key not in self._cache:
+            self._cache[key] = load_tensors(self.path / entry["path"], entry.get("sha256"))
+        return self._cache[key]
+
+    def checkpoint(self, k: int) -> dict[str, torch.Tensor]:
+        """State dict θ^(k) at the end of stage k (k = 0: the initialisation)."""
+        return self._load(self.manifest["init"] if k == 0 else self._entry(k)["checkpoint"])
+
+    def parameters(self, k: int) -> dict[str, torch.Tensor]:
+        """Only the trainable parameters of θ^(k), by name."""
+        state = self.checkpoint(k)
+        return {name: state[name] for name in self.parameter_names}
+
+    @cached_property
+    def parameter_names(self) -> list[str]:
+        return [name for groups in self.stage_records[0].param_groups for name in groups]
+
+    def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
+        """Per-parameter optimizer state at the end of stage k, keyed ``"<param>/<key>"``."""
+        return self._load(self._entry(k)["optimizer_state"])
+
+    def step_log(self, k: int) -> dict[str, Any]:
+        key = ("steps", k)
+        if key not in self._cache:
+            steps_path = self.path / self._entry(k)["steps_file"]
+            if not steps_path.is_file():
+                raise RunFileError(f"missing run file: {steps_path}")
+            try:
+                self._cache[key] = json.loads(steps_path.read_text())
+            except json.JSONDecodeError as exc:
+                raise RunFileError(f"corrupted run file: {steps_path} is not valid JSON ({exc})") from exc
+        return self._cache[key]
+
+    def steps(self, k: int) -> list[dict[str, Any]]:
+        """Per step of stage k: ``groups`` (hyper-parameters per param group), ``loss``, ``adam_step``."""
+        return self.step_log(k)["steps"]
+
+    def batch_indices(self, k: int) -> torch.Tensor:
+        return torch.tensor(self.step_log(k)["batch_indices"], dtype=torch.long)
+
+    # --- models --------------------------------------------------------------
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            raise RuntimeError(
+                f"the run at {self.path} was loaded without its pipeline, so it cannot be retrained; "
+                "load it with sc.Run.load(path, pipeline=pipe)"
+            )
+        return self._pipeline
+
+    def model_fn(self):
+        if self._pipeline is not None:
+            return self._pipeline.model_fn
+        name = self.manifest.get("model_fn")
+        if not name:
+            raise RuntimeError(
+                f"the run at {self.path} does not know how to build its model (its model_fn was not importable "
+                "by name when it was recorded); load it with sc.Run.load(path, pipeline=pipe)"
+            )
+        module, _, qualname = name.partition(":")
+        obj = importlib.import_module(module)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def build_model(self, k: Optional[int] = None) -> torch.nn.Module:
+        """A fresh model holding θ^(k) (default: the final model θ_T), in eval mode."""
+        torch.manual_seed(self.manifest.get("pipeline_seed", 0))
+        model = self.model_fn()()
+        model.load_state_dict(self.checkpoint(self.num_stages if k is None else k))
+        return model.eval()
+
+    def __repr__(self) -> str:
+        return f"Run({str(self.path)!r}, stages={self.stages})"

@@ -1,0 +1,91 @@
+"""Ground truth: re-run the recorded pipeline with one stage skipped (DESIGN §2)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+
+from stagecredit.estimators.attribute import Attribution, behaviour_name
+from stagecredit.estimators.embedding import StageEmbedding
+from stagecredit.estimators.optimizers import counterfactual_state_source
+from stagecredit.progress import progress_bar
+from stagecredit.recording.training import train_stage
+from stagecredit.storage.run import Run
+
+
+def replay(run: Run, start_stage: int, initial: dict[str, torch.Tensor],
+           carried: Optional[dict[str, torch.Tensor]], *, advance=lambda: None) -> torch.nn.Module:
+    """Train stages ``start_stage..K`` from the state dict ``initial`` with the recorded data order and seeds."""
+    pipeline = run.pipeline
+    model = pipeline.build_model()
+    model.load_state_dict(initial)
+    state = carried
+    for j in range(start_stage, run.num_stages + 1):
+        stage = pipeline.stages[j - 1]
+        result = train_stage(model, stage, run.batch_indices(j), state if stage.carry_optimizer_state else None,
+                             advance=advance)
+        state = result.optimizer_state
+    return model.eval()
+
+
+def skipped_stage_model(run: Run, k: int, *, advance=lambda: None) -> dict[str, torch.Tensor]:
+    """State dict of ``θ_T^(−k)``: stage k+1 starts from ``θ^(k−1)``, later stages replay as recorded."""
+    key = ("retrained", k)
+    if key not in run._cache:
+        start = time.perf_counter()
+        if k == run.num_stages:
+            state = dict(run.checkpoint(k - 1))
+        else:
+            source = counterfactual_state_source(run, k)
+            carried = run.optimizer_state(source) if source is not None else None
+            state = {n: t.detach().clone() for n, t in
+                     replay(run, k + 1, run.checkpoint(k - 1), carried, advance=advance).state_dict().items()}
+        run._cache[key] = (state, time.perf_counter() - start)
+    return run._cache[key][0]
+
+
+def retrain_seconds(run: Run, k: int) -> float:
+    return run._cache[("retrained", k)][1]
+
+
+def retrain_effects(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], *,
+                    progress: bool = True) -> Attribution:
+    """``τ_k = f(θ_T) − f(θ_T^(−k))`` for every stage k, by actually retraining without it.
+
+    Returns an :class:`Attribution` with ``method="retrain"``; its embeddings are
+    the exact ``e_k = θ_T − θ_T^(−k)``. Counterfactual models are cached on the
+    run, so a second behaviour costs only forward passes.
+    """
+    _ = run.pipeline  # fail early, with the message that says how to load a run for retraining
+    K = run.num_stages
+    pending = [k for k in range(1, K + 1) if ("retrained", k) not in run._cache]
+    total = sum(run.stage_records[j - 1].steps for k in pending for j in range(k + 1, K + 1))
+    with progress_bar("retraining without each stage", total, enabled=progress) as advance:
+        for k in pending:
+            skipped_stage_model(run, k, advance=advance)
+
+    final_model = run.build_model()
+    final_params = dict(final_model.named_parameters())
+    with torch.no_grad():
+        final_values = behaviour(final_model).detach()
+    effects, seconds, embeddings = [], [], []
+    for k, record in enumerate(run.stage_records, start=1):
+        counterfactual = run.build_model()
+        counterfactual.load_state_dict(skipped_stage_model(run, k))
+        with torch.no_grad():
+            effects.append(final_values - behaviour(counterfactual).detach())
+        seconds.append(retrain_seconds(run, k))
+        exact = {n: (final_params[n] - p).detach() for n, p in counterfactual.named_parameters()}
+        embeddings.append(StageEmbedding(record.name, k, "retrain", exact, seconds[-1]))
+    return Attribution(
+        stages=run.stages,
+        effects=torch.stack(effects).double().numpy(),
+        method="retrain",
+        mode="exact",
+        behaviour=behaviour_name(behaviour),
+        final_values=final_values.double().numpy(),
+        seconds=seconds,
+        embeddings=embeddings,
+    )

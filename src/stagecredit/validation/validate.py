@@ -1,0 +1,83 @@
+"""Run estimators and retraining side by side and score the estimators."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from stagecredit.estimators.attribute import MODES, SIGN_CONVENTION, Attribution, attribute, behaviour_name
+from stagecredit.storage.atomic import atomic_write_json
+from stagecredit.storage.run import Run
+from stagecredit.validation.metrics import pearson, relative_error, sign_agreement, spearman
+from stagecredit.validation.retrain import retrain_effects
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    """Per stage × method × mode: agreement with retraining and cost.
+
+    ``rows`` hold ``stage, method, mode, pearson, spearman, sign_agreement,
+    relative_error, mean_estimate, mean_retrained, seconds, retrain_seconds``;
+    seconds are wall-clock on this machine.
+    """
+
+    behaviour: str
+    rows: list[dict]
+    truth: Attribution
+    attributions: list[Attribution]
+    forward_seconds: float
+    sign_convention: str = SIGN_CONVENTION
+
+    def to_dict(self) -> dict:
+        return {
+            "behaviour": self.behaviour,
+            "sign_convention": self.sign_convention,
+            "forward_seconds": self.forward_seconds,
+            "rows": self.rows,
+        }
+
+    def to_json(self, path) -> None:
+        atomic_write_json(Path(path), self.to_dict())
+
+    def to_markdown(self) -> str:
+        from stagecredit.reports.tables import validation_markdown
+
+        return validation_markdown(self)
+
+
+def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
+             methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
+             progress: bool = True) -> ValidationReport:
+    """Compare every ``method × mode`` against the retraining ground truth, stage by stage."""
+    truth = retrain_effects(run, behaviour, progress=progress)
+    model = run.build_model()
+    start = time.perf_counter()
+    with torch.no_grad():
+        behaviour(model)
+    forward_seconds = time.perf_counter() - start
+
+    rows, attributions = [], []
+    for method in methods:
+        for mode in modes:
+            att = attribute(run, behaviour, method=method, mode=mode)
+            attributions.append(att)
+            for k, stage in enumerate(run.stages):
+                est, tru = att.effects[k], truth.effects[k]
+                rows.append({
+                    "stage": stage,
+                    "method": method,
+                    "mode": mode,
+                    "pearson": pearson(est, tru),
+                    "spearman": spearman(est, tru),
+                    "sign_agreement": sign_agreement(est, tru),
+                    "relative_error": relative_error(est, tru),
+                    "mean_estimate": float(est.mean()),
+                    "mean_retrained": float(tru.mean()),
+                    "seconds": att.seconds[k],
+                    "retrain_seconds": truth.seconds[k],
+                })
+    return ValidationReport(behaviour_name(behaviour), rows, truth, attributions, forward_seconds)

@@ -1,0 +1,76 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("STAGECREDIT_PROGRESS", "0")
+
+import stagecredit as sc  # noqa: E402
+
+
+def make_mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.Tanh(), torch.nn.Linear(12, 3))
+
+
+def ce_loss(model, batch):
+    return torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def zero_loss(model, batch):
+    """A loss that is identically zero: only weight decay and momentum move the parameters."""
+    return 0.0 * model(batch[0]).sum()
+
+
+def toy_data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 6, generator=g)
+    y = (X[:, 0] + 0.5 * X[:, 1] > 0).long() + (X[:, 2] > 1).long()
+    return X, y
+
+
+def three_stage_pipeline(later_loss=ce_loss, carry=False):
+    """SGD+momentum (cosine) → AdamW (step schedule) → SGD Nesterov with coupled decay."""
+    X, y = toy_data()
+    return sc.Pipeline(
+        model_fn=make_mlp,
+        stages=[
+            sc.Stage("pretrain", (X, y), ce_loss,
+                     lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=5e-3), steps=25, batch_size=16,
+                     seed=1, scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=25)),
+            sc.Stage("finetune", (X[:48], y[:48]), later_loss,
+                     lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.3), steps=15, batch_size=8, seed=2,
+                     scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=5, gamma=0.5)),
+            sc.Stage("adapt", (X[48:], y[48:]), later_loss,
+                     lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.8, nesterov=True, weight_decay=0.05),
+                     steps=12, batch_size=8, seed=3,
+                     scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.2, total_iters=12)),
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def toy_run(tmp_path_factory):
+    pipe = three_stage_pipeline()
+    return pipe.run(tmp_path_factory.mktemp("toy") / "run", progress=False)
+
+
+@pytest.fixture(scope="module")
+def toy_behaviour():
+    X, y = toy_data(n=64, seed=7)
+    return sc.PerExampleLoss((X, y), lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+
+
+SGD_ADAMW_SCHEDULES = {
+    "sgd-momentum-cosine": (
+        lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=1e-3),
+        [(lambda p: torch.optim.SGD(p, lr=0.3, momentum=0.9, dampening=0.1, weight_decay=0.05),
+          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=17))],
+    ),
+    "sgd-nesterov-then-adamw": (
+        lambda p: torch.optim.Adam(p, lr=0.01),
+        [(lambda p: torch.optim.SGD(p, lr=0.4, momentum=0.7, nesterov=True, weight_decay=0.08),
+          lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=4, gamma=0.7)),
+         (lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
+          lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17))],
+    ),
+}
