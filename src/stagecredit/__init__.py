@@ -5,7 +5,7 @@ loss-like behaviour ``τ_k > 0`` is blame (stage k made it worse) and
 ``τ_k < 0`` is credit.
 """
 
-from stagecredit.behaviours.loss import GroupMean, PerExampleLoss
+from stagecredit.behaviours.loss import GroupMean, PerExampleCorrect, PerExampleLoss
 from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attribute
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution",
     "GroupMean",
+    "PerExampleCorrect",
     "PerExampleLoss",
     "Pipeline",
     "Run",

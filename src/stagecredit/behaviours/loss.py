@@ -66,9 +66,37 @@ class GroupMean:
             raise ValueError(f"{count} groups but only {len(self.group_names)} group names")
         self.name = f"group mean of {getattr(behaviour, 'name', 'behaviour')}"
         self.kind = getattr(behaviour, "kind", "loss")
+        self.higher_is_better = getattr(behaviour, "higher_is_better", False)
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         values = self.behaviour(model)
         sums = torch.zeros(len(self.group_names), dtype=values.dtype).index_add(0, self.groups, values)
         counts = torch.bincount(self.groups, minlength=len(self.group_names)).to(values.dtype)
         return sums / counts
+
+
+class PerExampleCorrect:
+    """1.0 where the model's top class equals the label, else 0.0, ``[N]`` (higher is better).
+
+    Not differentiable: use it with ``mode="model"`` (or retraining). Its mean is accuracy.
+    """
+
+    kind = "score"
+    higher_is_better = True
+
+    def __init__(self, data: Any, *, batch_size: int = 1024, name: str = "per-example correctness") -> None:
+        self.data = data
+        self.batch_size = batch_size
+        self.name = name
+        self.n = dataset_length(data)
+
+    def __len__(self) -> int:
+        return self.n
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        chunks = []
+        for start in range(0, self.n, self.batch_size):
+            inputs, targets = collate(self.data, range(start, min(start + self.batch_size, self.n)))[:2]
+            chunks.append((model(inputs).argmax(dim=-1) == targets).float())
+        return torch.cat(chunks)

@@ -19,6 +19,15 @@ SIGN_CONVENTION = (
     "effect τ_k = f(final model) − f(model trained without stage k). For a loss-like behaviour, "
     "τ_k > 0 means stage k made it worse (blame), τ_k < 0 means stage k helped (credit)."
 )
+SIGN_CONVENTION_SCORE = (
+    "effect τ_k = f(final model) − f(model trained without stage k). For a score where higher is better "
+    "(e.g. accuracy), τ_k > 0 means stage k raised it (credit), τ_k < 0 means it lowered it (blame)."
+)
+
+
+def sign_convention(behaviour: Callable) -> str:
+    """The sentence that states what the sign of an effect on ``behaviour`` means."""
+    return SIGN_CONVENTION_SCORE if getattr(behaviour, "higher_is_better", False) else SIGN_CONVENTION
 
 
 @dataclasses.dataclass
@@ -43,6 +52,10 @@ class Attribution:
         """``e_k`` as parameter tensors; ``k`` is a 0-based position in ``stages`` or a stage name."""
         index = self.stages.index(k) if isinstance(k, str) else k
         return self.embeddings[index].vector
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.sign_convention == SIGN_CONVENTION_SCORE
 
     def totals(self) -> np.ndarray:
         """Mean effect per stage over the N behaviour values, ``[K]``."""
@@ -105,4 +118,5 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
         final_values=final_values.double().numpy(),
         seconds=seconds,
         embeddings=embeddings,
+        sign_convention=sign_convention(behaviour),
     )

@@ -7,7 +7,7 @@ from typing import Callable, Optional
 
 import torch
 
-from stagecredit.estimators.attribute import Attribution, behaviour_name
+from stagecredit.estimators.attribute import Attribution, behaviour_name, sign_convention
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import counterfactual_state_source
 from stagecredit.progress import progress_bar
@@ -88,4 +88,5 @@ def retrain_effects(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tenso
         final_values=final_values.double().numpy(),
         seconds=seconds,
         embeddings=embeddings,
+        sign_convention=sign_convention(behaviour),
     )

@@ -9,7 +9,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from stagecredit.estimators.attribute import MODES, SIGN_CONVENTION, Attribution, attribute, behaviour_name
+from stagecredit.estimators.attribute import MODES, Attribution, attribute, behaviour_name
 from stagecredit.storage.atomic import atomic_write_json
 from stagecredit.storage.run import Run
 from stagecredit.validation.metrics import pearson, relative_error, sign_agreement, spearman
@@ -30,7 +30,10 @@ class ValidationReport:
     truth: Attribution
     attributions: list[Attribution]
     forward_seconds: float
-    sign_convention: str = SIGN_CONVENTION
+
+    @property
+    def sign_convention(self) -> str:
+        return self.truth.sign_convention
 
     def to_dict(self) -> dict:
         return {

@@ -1,0 +1,164 @@
+"""The ``stagecredit`` command line."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="stagecredit",
+    help="Which training stage deserves the credit or the blame for a behaviour of the final model — "
+         "without retraining. Effects τ_k = f(final) − f(without stage k): for a loss, > 0 is blame, < 0 credit.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(width=None if sys.stdout.isatty() else 140)
+err = Console(stderr=True)
+
+PIPELINE_HELP = "The pipeline as 'module:function' (or 'file.py:function') returning a stagecredit.Pipeline."
+EVAL_HELP = ("The behaviour as 'module:function' (or 'file.py:function') returning a behaviour (model -> Tensor[N]) "
+             "or an evaluation dataset, whose per-example loss under the last stage's loss_fn is then attributed.")
+
+
+def friendly_errors(fn):
+    """Turn expected failures into a one-line reason and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from stagecredit.cli.loading import SpecError
+        from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+        from stagecredit.storage.tensor_files import RunFileError
+
+        try:
+            return fn(*args, **kwargs)
+        except (SpecError, RunFileError, UnsupportedOptimizerError, FileExistsError, ValueError, RuntimeError) as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False)
+            raise typer.Exit(code=2)
+
+    return wrapper
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Path = typer.Option(Path("stagecredit-demo"), help="Folder for the run, results.json, summary.md, plots and report.html."),
+    scale: float = typer.Option(1.0, min=0.05, max=10.0, help="Multiply every stage's step count (smaller is faster)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a 3-stage MNIST pipeline whose last stage teaches a spurious patch cue, then find the stage to blame.
+
+    Attributes the test loss (overall and per group: cue agrees / disagrees with the label) to
+    pretrain / finetune / adapt with the delta and aa estimators, validates them by retraining
+    without each stage, and writes results.json, summary.md, PNG plots and a self-contained report.html.
+    """
+    from stagecredit.demos.report import run_mnist_demo
+
+    run_mnist_demo(out, scale=scale, progress=progress, console=console)
+
+
+@app.command()
+@friendly_errors
+def record(
+    pipeline: str = typer.Argument(..., help=PIPELINE_HELP),
+    run: Path = typer.Argument(..., help="Folder to record the run into."),
+    overwrite: bool = typer.Option(False, help="Replace a run already recorded there."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Train a pipeline stage by stage and record checkpoints, optimizer state and per-step hyper-parameters."""
+    from stagecredit.cli.loading import load_pipeline
+
+    recorded = load_pipeline(pipeline).run(run, progress=progress, overwrite=overwrite)
+    console.print(f"Recorded {recorded.num_stages} stages {recorded.stages} into {run}")
+
+
+@app.command()
+@friendly_errors
+def attribute(
+    run: Path = typer.Argument(..., help="Folder of a recorded run (see 'stagecredit record')."),
+    eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
+    pipeline: Optional[str] = typer.Option(None, help=PIPELINE_HELP + " Needed when the run cannot rebuild its model by itself."),
+    method: str = typer.Option("aa", help="Estimator: delta | aa."),
+    mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
+    out: Optional[Path] = typer.Option(None, help="Write attribution.json and summary.md here (default: RUN/attribution)."),
+) -> None:
+    """Estimate every stage's effect on a behaviour of the final model, without retraining."""
+    import stagecredit as sc
+    from stagecredit.cli.loading import load_behaviour, load_pipeline
+    from stagecredit.reports.html import write_report
+    from stagecredit.reports.tables import effects_table
+    from stagecredit.storage.atomic import atomic_write_json
+
+    pipe = load_pipeline(pipeline) if pipeline else None
+    loaded = sc.Run.load(run, pipeline=pipe)
+    behaviour = load_behaviour(eval, pipe)
+    att = sc.attribute(loaded, behaviour, method=method, mode=mode)
+    out = out or run / "attribution"
+    out.mkdir(parents=True, exist_ok=True)
+    table = effects_table(att)
+    atomic_write_json(out / "attribution.json", att.to_dict())
+    write_report(out, f"stagecredit — stage attribution of {att.behaviour}", [table])
+    table.print(console)
+    console.print(f"Wrote {out / 'attribution.json'}, {out / 'summary.md'}, {out / 'report.html'}")
+
+
+@app.command()
+@friendly_errors
+def validate(
+    run: Path = typer.Argument(..., help="Folder of a recorded run; recorded from --pipeline first if it holds none."),
+    pipeline: str = typer.Option(..., help=PIPELINE_HELP + " Retraining needs it."),
+    eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
+    methods: List[str] = typer.Option(["delta", "aa"], "--method", help="Estimators to compare (repeat the option)."),
+    out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
+    progress: bool = typer.Option(True, help="Show progress bars."),
+) -> None:
+    """Compare estimators with the ground truth: retraining the pipeline without each stage."""
+    import stagecredit as sc
+    from stagecredit.cli.loading import load_behaviour, load_pipeline
+    from stagecredit.reports.html import write_report
+    from stagecredit.reports.plots import scatter_plot
+    from stagecredit.reports.tables import validation_table
+
+    pipe = load_pipeline(pipeline)
+    if not (run / "run.json").exists():
+        console.print(f"No recorded run in {run}: recording it from {pipeline} first.")
+        loaded = pipe.run(run, progress=progress)
+    else:
+        loaded = sc.Run.load(run, pipeline=pipe)
+    behaviour = load_behaviour(eval, pipe)
+    report = sc.validate(loaded, behaviour, methods=methods, progress=progress)
+    out = out or run / "validation"
+    out.mkdir(parents=True, exist_ok=True)
+    report.to_json(out / "validation.json")
+    table = validation_table(report)
+    plot = scatter_plot(out / "estimate_vs_retrain.png", report.truth, report.attributions, "behaviour units")
+    write_report(out, f"stagecredit — validation against retraining: {report.behaviour}", [table, plot])
+    table.print(console)
+    console.print(f"Wrote {out / 'validation.json'}, {out / 'summary.md'}, {plot}, {out / 'report.html'}")
+
+
+@app.command()
+@friendly_errors
+def report(
+    folder: Path = typer.Argument(..., help="A folder written by 'demo', 'attribute' or 'validate'."),
+) -> None:
+    """Print the summary of results already written (summary.md) without recomputing anything."""
+    summary = folder / "summary.md"
+    if not summary.is_file():
+        raise ValueError(f"no summary.md in {folder}; run 'stagecredit demo', 'attribute' or 'validate' first")
+    from rich.markdown import Markdown
+
+    console.print(Markdown(summary.read_text()))
+
+
+def main() -> None:  # pragma: no cover
+    app(prog_name="stagecredit")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,91 @@
+"""Tables that render the same content as Markdown, HTML and a terminal (rich) table."""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import math
+from typing import Any, Sequence
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "n/a"
+        return f"{value:+.{digits}f}" if digits >= 0 else f"{value:.3g}"
+    return str(value)
+
+
+@dataclasses.dataclass
+class Table:
+    title: str
+    columns: Sequence[str]
+    rows: Sequence[Sequence[Any]]
+    note: str = ""
+
+    def cells(self) -> list[list[str]]:
+        return [[fmt(v) if isinstance(v, float) else str(v) for v in row] for row in self.rows]
+
+    def to_markdown(self) -> str:
+        lines = [f"### {self.title}", ""]
+        lines.append("| " + " | ".join(self.columns) + " |")
+        lines.append("|" + "|".join("---" for _ in self.columns) + "|")
+        lines += ["| " + " | ".join(row) + " |" for row in self.cells()]
+        if self.note:
+            lines += ["", self.note]
+        return "\n".join(lines) + "\n"
+
+    def to_html(self) -> str:
+        head = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.cells())
+        note = f"<p class='note'>{html.escape(self.note)}</p>" if self.note else ""
+        return f"<h3>{html.escape(self.title)}</h3><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{note}"
+
+    def print(self, console=None) -> None:
+        from rich.console import Console
+        from rich.table import Table as RichTable
+
+        console = console or Console()
+        table = RichTable(title=self.title, title_justify="left", caption=self.note or None, caption_justify="left")
+        for i, column in enumerate(self.columns):
+            table.add_column(column, justify="left" if i == 0 else "right")
+        for row in self.cells():
+            table.add_row(*row)
+        console.print(table)
+
+
+def validation_table(report) -> Table:
+    rows = [
+        [r["stage"], r["method"], r["mode"], r["pearson"], r["spearman"], r["sign_agreement"], r["mean_estimate"],
+         r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"]
+        for r in report.rows
+    ]
+    return Table(
+        title=f"Estimators vs retraining — {report.behaviour}",
+        columns=["stage", "method", "mode", "Pearson r", "Spearman ρ", "sign agreement", "mean τ̂", "mean τ (retrain)",
+                 "estimator s", "retrain s"],
+        rows=rows,
+        note=f"Correlations are across the {len(report.truth.final_values)} behaviour values. {report.sign_convention} "
+             "Seconds are wall-clock on this machine.",
+    )
+
+
+def validation_markdown(report) -> str:
+    return validation_table(report).to_markdown()
+
+
+def verdict(effect: float, higher_is_better: bool = False) -> str:
+    if effect == 0 or math.isnan(effect):
+        return "none"
+    return "credit" if (effect > 0) == higher_is_better else "blame"
+
+
+def effects_table(att, title: str | None = None, unit: str = "") -> Table:
+    totals = att.totals()
+    rows = [[stage, float(totals[k]), verdict(float(totals[k]), att.higher_is_better)] for k, stage in enumerate(att.stages)]
+    return Table(
+        title=title or f"Mean stage effect on {att.behaviour} ({att.method}, {att.mode})",
+        columns=["stage", f"mean τ̂ {unit}".strip(), "verdict"],
+        rows=rows,
+        note=att.sign_convention,
+    )
