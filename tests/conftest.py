@@ -74,3 +74,15 @@ SGD_ADAMW_SCHEDULES = {
           lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17))],
     ),
 }
+
+
+def toy_eval():
+    """CLI entry point: per-example loss on a held-out toy set."""
+    X, y = toy_data(n=64, seed=7)
+    return sc.PerExampleLoss((X, y), lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"),
+                             name="toy loss (nats)")
+
+
+def toy_eval_dataset():
+    """CLI entry point that gives a dataset instead of a behaviour."""
+    return toy_data(n=32, seed=9)
