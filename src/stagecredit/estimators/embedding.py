@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Optional
 
 import torch
@@ -14,6 +15,7 @@ from stagecredit.estimators.optimizers import (
     carried_state_source,
     counterfactual_state_source,
     stage_kind,
+    stage_steps,
 )
 from stagecredit.estimators.propagation import ADAM, StageTransition, stage_transition
 from stagecredit.storage.run import Run
@@ -52,9 +54,16 @@ def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTr
     """The ``H = 0`` transition of stage ``j``, per parameter name."""
     kind = stage_kind(run, j, method)
     record = run.stage_records[j - 1]
-    steps = run.steps(j)
+    steps = stage_steps(run, j)
     source = carried_state_source(run, j)
     out: dict[str, StageTransition] = {}
+    if kind == ADAM and source is not None:
+        warnings.warn(
+            f"stage {record.name!r} carries Adam state from the stage before it: 'aa' propagates the difference in "
+            "exp_avg but not in exp_avg_sq or the bias-correction step count, so the effect of skipping the stage "
+            "before it is approximate even when later losses are linear",
+            stacklevel=2,
+        )
     for g, names in enumerate(record.param_groups):
         hp = steps[-1]["groups"][g]
         coupled_decay = any(s["groups"][g].get("weight_decay", 0.0) != 0 for s in steps) and not hp.get(

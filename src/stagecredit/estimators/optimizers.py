@@ -40,6 +40,15 @@ def check_step_settings(record: StageRecord, steps: list[dict], method: str) -> 
             )
 
 
+def stage_steps(run: Run, k: int) -> list[dict]:
+    """Recorded steps of stage k, with AdamW's decay marked decoupled whatever the torch version recorded."""
+    steps = run.steps(k)
+    if run.stage_records[k - 1].optimizer_class != "torch.optim.adamw.AdamW":
+        return steps
+    # AdamW's param groups gained the 'decoupled_weight_decay' key only in recent torch releases.
+    return [{**s, "groups": [{**g, "decoupled_weight_decay": True} for g in s["groups"]]} for s in steps]
+
+
 def stage_kind(run: Run, k: int, method: str) -> str:
     record = run.stage_records[k - 1]
     kind = optimizer_kind(record, method)

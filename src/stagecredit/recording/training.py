@@ -42,15 +42,26 @@ def train_stage(
     batches: torch.Tensor,
     carried_state: Optional[dict[str, torch.Tensor]] = None,
     *,
+    carried_from: Optional[str] = None,
     advance: Optional[Callable[[], None]] = None,
 ) -> StageResult:
-    """Train ``model`` in place through one stage on the given minibatch indices."""
+    """Train ``model`` in place through one stage on the given minibatch indices.
+
+    ``carried_state`` (with ``carried_from``, the class that produced it) seeds
+    the optimizer's per-parameter state; it must come from the same optimizer class.
+    """
     start = time.perf_counter()
     torch.manual_seed(stage.seed)  # dropout and other in-model randomness replay with the stage
     optimizer = stage.optimizer(model.parameters())
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"stage {stage.name!r}: optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
     if carried_state:
+        this_class = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        if carried_from is not None and carried_from != this_class:
+            raise ValueError(
+                f"stage {stage.name!r} asks to carry optimizer state, but the previous stage ran {carried_from} and "
+                f"this one runs {this_class}; state can only be carried between stages with the same optimizer class"
+            )
         load_state_tensors(optimizer, model, carried_state)
     scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
     groups = param_names_by_group(optimizer, model)
@@ -108,12 +119,14 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
     writer.write_checkpoint(0, "init", model.state_dict())
     total = sum(s.steps for s in pipeline.stages)
     state: Optional[dict[str, torch.Tensor]] = None
+    state_class: Optional[str] = None
     stage_entries = []
     with progress_bar("training", total, enabled=progress) as advance:
         for k, stage in enumerate(pipeline.stages, start=1):
             batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
-            result = train_stage(model, stage, batches, state if stage.carry_optimizer_state else None, advance=advance)
+            carried = state if stage.carry_optimizer_state else None
+            result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance)
             stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict()))
-            state = result.optimizer_state
+            state, state_class = result.optimizer_state, result.optimizer_class
     writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))
     return Run.load(path, pipeline=pipeline)

@@ -16,17 +16,18 @@ from stagecredit.storage.run import Run
 
 
 def replay(run: Run, start_stage: int, initial: dict[str, torch.Tensor],
-           carried: Optional[dict[str, torch.Tensor]], *, advance=lambda: None) -> torch.nn.Module:
+           carried: Optional[dict[str, torch.Tensor]], *, carried_from: Optional[str] = None,
+           advance=lambda: None) -> torch.nn.Module:
     """Train stages ``start_stage..K`` from the state dict ``initial`` with the recorded data order and seeds."""
     pipeline = run.pipeline
     model = pipeline.build_model()
     model.load_state_dict(initial)
-    state = carried
+    state, state_class = carried, carried_from
     for j in range(start_stage, run.num_stages + 1):
         stage = pipeline.stages[j - 1]
         result = train_stage(model, stage, run.batch_indices(j), state if stage.carry_optimizer_state else None,
-                             advance=advance)
-        state = result.optimizer_state
+                             carried_from=state_class, advance=advance)
+        state, state_class = result.optimizer_state, result.optimizer_class
     return model.eval()
 
 
@@ -40,8 +41,9 @@ def skipped_stage_model(run: Run, k: int, *, advance=lambda: None) -> dict[str, 
         else:
             source = counterfactual_state_source(run, k)
             carried = run.optimizer_state(source) if source is not None else None
-            state = {n: t.detach().clone() for n, t in
-                     replay(run, k + 1, run.checkpoint(k - 1), carried, advance=advance).state_dict().items()}
+            carried_from = run.stage_records[source - 1].optimizer_class if source is not None else None
+            model = replay(run, k + 1, run.checkpoint(k - 1), carried, carried_from=carried_from, advance=advance)
+            state = {n: t.detach().clone() for n, t in model.state_dict().items()}
         run._cache[key] = (state, time.perf_counter() - start)
     return run._cache[key][0]
 
