@@ -72,7 +72,7 @@ def adam_tangent_step(
     lr, lam = hp["lr"], hp.get("weight_decay", 0.0)
     beta1 = hp["betas"][0]
     decoupled = hp.get("decoupled_weight_decay", False)
-    dg = hvp(dtheta) if hvp is not None else torch.zeros_like(dtheta)
+    dg = hvp(dtheta) if hvp is not None else 0.0 * dtheta
     if decoupled:
         dtheta = dtheta * (1 - lr * lam)
     elif lam != 0:
@@ -82,8 +82,8 @@ def adam_tangent_step(
 
 
 def propagate_through_stage(
-    dtheta: torch.Tensor,
-    dstate: torch.Tensor,
+    dtheta: Coefficient,
+    dstate: Coefficient,
     steps: Sequence[dict[str, Any]],
     group: int,
     kind: str,
@@ -91,7 +91,7 @@ def propagate_through_stage(
     fresh: bool,
     precond: Coefficient = 1.0,
     hvp_at: Optional[Callable[[int], HVP]] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[Coefficient, Coefficient]:
     """Carry ``(δθ, δs)`` for one param group through every recorded step of a stage.
 
     ``fresh``: the stage started with a new optimizer, so the incoming ``δs`` is
@@ -99,7 +99,7 @@ def propagate_through_stage(
     the Hessian-vector product at that step, or ``None`` for ``H = 0``.
     """
     if fresh:
-        dstate = torch.zeros_like(dstate)
+        dstate = 0.0 * dstate
     for i, record in enumerate(steps):
         hp = record["groups"][group]
         hvp = hvp_at(i) if hvp_at is not None else None
@@ -117,18 +117,18 @@ class StageTransition:
         δθ' = tt·δθ + ts·δs
         δs' = st·δθ + ss·δs
 
-    Entries are scalars (0-d tensors) or per-parameter diagonals.
+    Entries are Python floats (one scalar per param group) or per-parameter
+    diagonals (float64 tensors).
     """
 
-    tt: torch.Tensor
-    ts: torch.Tensor
-    st: torch.Tensor
-    ss: torch.Tensor
+    tt: Coefficient
+    ts: Coefficient
+    st: Coefficient
+    ss: Coefficient
 
     @classmethod
     def identity(cls) -> "StageTransition":
-        one, zero = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
-        return cls(one, zero, zero, one)
+        return cls(1.0, 0.0, 0.0, 1.0)
 
     def then(self, later: "StageTransition") -> "StageTransition":
         """The map that applies ``self`` first and ``later`` after it."""
@@ -153,13 +153,15 @@ def stage_transition(
 ) -> StageTransition:
     """Compose a stage's ``H = 0`` steps into one :class:`StageTransition`.
 
-    Propagates the two basis tangents ``(1, 0)`` and ``(0, 1)``; with a tensor
-    ``precond`` they broadcast to per-parameter diagonals.
+    Propagates the two basis tangents ``(1, 0)`` and ``(0, 1)``: as Python
+    floats (double precision, no tensor overhead per step) when the
+    coefficients are scalars, as per-parameter diagonals when ``precond`` is a tensor.
     """
-    shape = precond.shape if isinstance(precond, torch.Tensor) else ()
-    one = torch.ones(shape, dtype=torch.float64)
-    zero = torch.zeros(shape, dtype=torch.float64)
-    p = precond.to(torch.float64) if isinstance(precond, torch.Tensor) else precond
+    if isinstance(precond, torch.Tensor):
+        p = precond.to(torch.float64)
+        one, zero = torch.ones_like(p), torch.zeros_like(p)
+    else:
+        p, one, zero = float(precond), 1.0, 0.0
     tt, st = propagate_through_stage(one, zero, steps, group, kind, fresh=fresh, precond=p)
     ts, ss = propagate_through_stage(zero, one, steps, group, kind, fresh=fresh, precond=p)
     return StageTransition(tt=tt, ts=ts, st=st, ss=ss)
