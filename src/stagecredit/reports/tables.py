@@ -54,10 +54,16 @@ class Table:
         console.print(table)
 
 
+def _unsigned(value: float) -> str:
+    """Correlations read as plain numbers; only effects carry an explicit sign."""
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
 def validation_table(report) -> Table:
     rows = [
-        [r["stage"], r["method"], r["mode"], r["pearson"], r["spearman"], r["sign_agreement"], r["mean_estimate"],
-         r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"]
+        [r["stage"], r["method"], r["mode"], _unsigned(r["pearson"]), _unsigned(r["spearman"]),
+         f"{r['sign_agreement']:.3f}", r["mean_estimate"], r["mean_retrained"], f"{r['seconds']:.3f}",
+         f"{r['retrain_seconds']:.2f}"]
         for r in report.rows
     ]
     return Table(
