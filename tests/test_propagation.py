@@ -24,7 +24,7 @@ from stagecredit.estimators.propagation import (
     propagate_through_stage,
     stage_transition,
 )
-from stagecredit.recording.optimizer_state import adam_step_count, group_hyperparameters, state_tensors
+from stagecredit.recording.optimizer_state import adam_step_count, group_hyperparameters
 
 N = 5
 SETTINGS = settings(max_examples=30, deadline=None, database=None)  # no .hypothesis/ folder in the repo
