@@ -36,6 +36,11 @@ class StageResult:
     seconds: float
 
 
+def class_name(obj: Any) -> str:
+    """The fully qualified class of ``obj``, as recorded in the manifest (e.g. ``torch.optim.sgd.SGD``)."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def train_stage(
     model: torch.nn.Module,
     stage: Stage,
@@ -56,7 +61,7 @@ def train_stage(
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"stage {stage.name!r}: optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
     if carried_state:
-        this_class = f"{type(optimizer).__module__}.{type(optimizer).__qualname__}"
+        this_class = class_name(optimizer)
         if carried_from is not None and carried_from != this_class:
             raise ValueError(
                 f"stage {stage.name!r} asks to carry optimizer state, but the previous stage ran {carried_from} and "
@@ -88,8 +93,8 @@ def train_stage(
         if advance is not None:
             advance()
     return StageResult(
-        optimizer_class=f"{type(optimizer).__module__}.{type(optimizer).__qualname__}",
-        scheduler_class=None if scheduler is None else f"{type(scheduler).__module__}.{type(scheduler).__qualname__}",
+        optimizer_class=class_name(optimizer),
+        scheduler_class=None if scheduler is None else class_name(scheduler),
         param_groups=groups,
         steps=records,
         optimizer_state=state_tensors(optimizer, model),
