@@ -7,6 +7,7 @@ loss-like behaviour ``τ_k > 0`` is blame (stage k made it worse) and
 
 from stagecredit.behaviours.loss import GroupMean, PerExampleCorrect, PerExampleLoss
 from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attribute
+from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
 from stagecredit.recording.stage import Pipeline, Stage
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Attribution",
+    "CurvatureOptions",
     "GroupMean",
     "PerExampleCorrect",
     "PerExampleLoss",

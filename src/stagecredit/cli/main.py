@@ -83,7 +83,8 @@ def attribute(
     run: Path = typer.Argument(..., help="Folder of a recorded run (see 'stagecredit record')."),
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     pipeline: Optional[str] = typer.Option(None, help=PIPELINE_HELP + " Needed when the run cannot rebuild its model by itself."),
-    method: str = typer.Option("aa", help="Estimator: delta | aa."),
+    method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | exact (per-step replay)."),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     out: Optional[Path] = typer.Option(None, help="Write attribution.json and summary.md here (default: RUN/attribution)."),
 ) -> None:
@@ -97,7 +98,7 @@ def attribute(
     pipe = load_pipeline(pipeline) if pipeline else None
     loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    att = sc.attribute(loaded, behaviour, method=method, mode=mode)
+    att = sc.attribute(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme))
     out = out or run / "attribution"
     out.mkdir(parents=True, exist_ok=True)
     table = effects_table(att)
@@ -113,7 +114,9 @@ def validate(
     run: Path = typer.Argument(..., help="Folder of a recorded run; recorded from --pipeline first if it holds none."),
     pipeline: str = typer.Option(..., help=PIPELINE_HELP + " Retraining needs it."),
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
-    methods: List[str] = typer.Option(["delta", "aa"], "--method", help="Estimators to compare (repeat the option)."),
+    methods: List[str] = typer.Option(["delta", "aa"], "--method",
+                                      help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | exact (per-step replay)."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -131,7 +134,8 @@ def validate(
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    report = sc.validate(loaded, behaviour, methods=methods, progress=progress)
+    report = sc.validate(loaded, behaviour, methods=methods, curvature=sc.CurvatureOptions(scheme=scheme),
+                         progress=progress)
     out = out or run / "validation"
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "validation.json")

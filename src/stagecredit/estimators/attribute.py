@@ -79,18 +79,19 @@ def behaviour_name(behaviour: Callable) -> str:
 
 
 def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], method: str = "aa",
-              mode: str = "linear") -> Attribution:
+              mode: str = "linear", *, curvature=None, progress: bool = True) -> Attribution:
     """Estimate every stage's effect on ``behaviour`` (DESIGN §3).
 
     ``mode="linear"``: ``τ̂_k = ∇f(θ_T)·e_k``, one forward-mode JVP per stage over
     the whole evaluation set. ``mode="model"``: ``τ̂_k = f(θ_T) − f(θ_T − e_k)``,
     one forward pass per stage; works for non-differentiable metrics.
+    ``curvature``: a ``CurvatureOptions`` for ``method="aa-curvature"`` (default scheme: segments).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-    embeddings = stage_embeddings(run, method)
+    embeddings = stage_embeddings(run, method, curvature, progress=progress)
     model = run.build_model()
     final = {name: p.detach() for name, p in model.named_parameters()}
     if set(final) != set(run.parameter_names):

@@ -20,7 +20,7 @@ from stagecredit.estimators.optimizers import (
 from stagecredit.estimators.propagation import ADAM, StageTransition, stage_transition
 from stagecredit.storage.run import Run
 
-METHODS = ("delta", "aa")
+METHODS = ("delta", "aa", "aa-curvature")
 
 
 @dataclasses.dataclass
@@ -84,6 +84,23 @@ def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTr
     return out
 
 
+def initial_perturbation(run: Run, k: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(δθ, δs)`` at the end of stage k when stage k is removed (float64, per parameter).
+
+    ``δθ = −Δ_k``; ``δs`` is the change of the first-moment buffer handed to
+    stage k+1 — non-zero only when stage k+1 carries optimizer state.
+    """
+    delta = stage_delta(run, k)
+    d_theta = {n: -d.to(torch.float64) for n, d in delta.items()}
+    d_state = {n: torch.zeros_like(d) for n, d in d_theta.items()}
+    if k < run.num_stages and carried_state_source(run, k + 1) is not None:
+        key = STATE_KEY[stage_kind(run, k + 1, "aa")]
+        source = counterfactual_state_source(run, k)
+        for n, d in d_theta.items():
+            d_state[n] = _state_tensor(run, source, n, key, d) - _state_tensor(run, k, n, key, d)
+    return d_theta, d_state
+
+
 def delta_embeddings(run: Run) -> list[StageEmbedding]:
     out = []
     for k, record in enumerate(run.stage_records, start=1):
@@ -112,31 +129,31 @@ def aa_embeddings(run: Run) -> list[StageEmbedding]:
     out = []
     for k, record in enumerate(run.stage_records, start=1):
         t0 = time.perf_counter()
-        delta = stage_delta(run, k)
+        d_theta, d_state = initial_perturbation(run, k)
         vector = {}
         for name in names:
-            d_theta = -delta[name].to(torch.float64)
-            d_state = torch.zeros_like(d_theta)
-            if k < K and carried_state_source(run, k + 1) is not None:
-                kind = stage_kind(run, k + 1, "aa")
-                key = STATE_KEY[kind]
-                d_state = _state_tensor(run, counterfactual_state_source(run, k), name, key, d_theta) - _state_tensor(
-                    run, k, name, key, d_theta
-                )
-            propagated, _ = suffix[k][name].apply(d_theta, d_state)
-            vector[name] = (-propagated).to(delta[name].dtype)
+            propagated, _ = suffix[k][name].apply(d_theta[name], d_state[name])
+            vector[name] = (-propagated).to(run.parameters(k)[name].dtype)
         out.append(StageEmbedding(record.name, k, "aa", vector, time.perf_counter() - t0 + shared_seconds / K))
     return out
 
 
-def stage_embeddings(run: Run, method: str) -> list[StageEmbedding]:
-    """All K stage embeddings for ``method``, cached on the run."""
+def stage_embeddings(run: Run, method: str, curvature=None, *, progress: bool = True) -> list[StageEmbedding]:
+    """All K stage embeddings for ``method``, cached on the run.
+
+    ``curvature`` (a ``CurvatureOptions``) tunes ``aa-curvature`` and is ignored otherwise.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if method == "aa-curvature":
+        from stagecredit.estimators.curvature_propagation import CurvatureOptions, curvature_embeddings
+
+        options = curvature or CurvatureOptions()
+        key = ("embeddings", method, options.key())
+        if key not in run._cache:
+            run._cache[key] = curvature_embeddings(run, options, progress=progress)
+        return run._cache[key]
     key = ("embeddings", method)
     if key not in run._cache:
-        if method == "delta":
-            run._cache[key] = delta_embeddings(run)
-        elif method == "aa":
-            run._cache[key] = aa_embeddings(run)
-        else:
-            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+        run._cache[key] = delta_embeddings(run) if method == "delta" else aa_embeddings(run)
     return run._cache[key]

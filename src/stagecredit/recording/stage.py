@@ -51,11 +51,17 @@ class Pipeline:
 
     ``model_fn`` must build the same initial model every time it is called
     after ``torch.manual_seed(seed)``.
+
+    ``checkpoint_every``: also save parameters and optimizer state every this
+    many steps inside each stage (0: only at stage ends). The ``aa-curvature``
+    estimator evaluates curvature at these checkpoints; ``delta`` and ``aa``
+    do not need them.
     """
 
     model_fn: Callable[[], torch.nn.Module]
     stages: list[Stage]
     seed: int = 0
+    checkpoint_every: int = 50
 
     def __post_init__(self) -> None:
         if not self.stages:
@@ -63,6 +69,8 @@ class Pipeline:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.stages[0].carry_optimizer_state:
             raise ValueError(f"stage {names[0]!r} is the first stage: there is no optimizer state to carry")
 

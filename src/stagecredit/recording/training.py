@@ -49,11 +49,17 @@ def train_stage(
     *,
     carried_from: Optional[str] = None,
     advance: Optional[Callable[[], None]] = None,
+    before_step: Optional[Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]] = None,
+    after_step: Optional[Callable[[int, Any, dict[str, torch.Tensor], torch.optim.Optimizer], None]] = None,
 ) -> StageResult:
     """Train ``model`` in place through one stage on the given minibatch indices.
 
     ``carried_state`` (with ``carried_from``, the class that produced it) seeds
     the optimizer's per-parameter state; it must come from the same optimizer class.
+    ``before_step(step, model, optimizer)`` sees the state entering a step;
+    ``after_step(step, batch, params_before, optimizer)`` sees the step's batch,
+    the parameters it started from and the optimizer after it. Neither may
+    change the model or the optimizer.
     """
     start = time.perf_counter()
     torch.manual_seed(stage.seed)  # dropout and other in-model randomness replay with the stage
@@ -73,6 +79,8 @@ def train_stage(
     model.train()
     records = []
     for step in range(stage.steps):
+        if before_step is not None:
+            before_step(step, model, optimizer)
         batch = collate(stage.data, batches[step])
         hyper = group_hyperparameters(optimizer)  # what this step really uses
         optimizer.zero_grad(set_to_none=True)
@@ -82,7 +90,12 @@ def train_stage(
         if not torch.isfinite(loss):
             raise FloatingPointError(f"stage {stage.name!r}, step {step}: training loss is {loss.item()}")
         loss.backward()
+        params_before = (
+            {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
+        )
         optimizer.step()
+        if after_step is not None:
+            after_step(step, batch, params_before, optimizer)
         record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
         t = adam_step_count(optimizer)
         if t is not None:
@@ -123,6 +136,7 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
     model = pipeline.build_model()
     writer.write_checkpoint(0, "init", model.state_dict())
     total = sum(s.steps for s in pipeline.stages)
+    every = pipeline.checkpoint_every
     state: Optional[dict[str, torch.Tensor]] = None
     state_class: Optional[str] = None
     stage_entries = []
@@ -130,8 +144,16 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
         for k, stage in enumerate(pipeline.stages, start=1):
             batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
             carried = state if stage.carry_optimizer_state else None
-            result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance)
-            stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict()))
+            inner: list[dict[str, Any]] = []
+
+            def save_inner(step, model_now, optimizer, k=k, stage=stage, inner=inner):
+                if every and step > 0 and step % every == 0:
+                    inner.append(writer.write_step_checkpoint(k, stage.name, step, model_now.state_dict(),
+                                                              state_tensors(optimizer, model_now)))
+
+            result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance,
+                                 before_step=save_inner)
+            stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner))
             state, state_class = result.optimizer_state, result.optimizer_class
     writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))
     return Run.load(path, pipeline=pipeline)

@@ -7,6 +7,9 @@ Layout::
     checkpoints/KK_<stage>.safetensors    θ^(k), end of stage k
     stages/KK_<stage>/optimizer.safetensors  optimizer state at the end of stage k
     stages/KK_<stage>/steps.json          per-step hyper-parameters, minibatch indices, loss
+    stages/KK_<stage>/checkpoints/step_NNNNNNN[.optimizer].safetensors
+                                          parameters and optimizer state entering step N (every
+                                          ``Pipeline.checkpoint_every`` steps)
 
 Nothing is unpickled when a run is loaded.
 """
@@ -51,7 +54,19 @@ class RunWriter:
             self.init_entry = entry
         return entry
 
-    def write_stage(self, k, stage, batches: torch.Tensor, result, state_dict) -> dict[str, Any]:
+    def write_step_checkpoint(self, k: int, name: str, step: int, state_dict, optimizer_state) -> dict[str, Any]:
+        """Parameters and optimizer state entering ``step`` of stage k."""
+        folder = f"stages/{_stage_dir(k, name)}/checkpoints"
+        model_rel, optimizer_rel = f"{folder}/step_{step:07d}.safetensors", f"{folder}/step_{step:07d}.optimizer.safetensors"
+        return {
+            "step": step,
+            "checkpoint": {"path": model_rel, "sha256": atomic_save_tensors(self.path / model_rel, state_dict)},
+            "optimizer_state": {"path": optimizer_rel,
+                                "sha256": atomic_save_tensors(self.path / optimizer_rel, optimizer_state)},
+        }
+
+    def write_stage(self, k, stage, batches: torch.Tensor, result, state_dict,
+                    inner: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
         folder = f"stages/{_stage_dir(k, stage.name)}"
         optimizer_rel = f"{folder}/optimizer.safetensors"
         steps_rel = f"{folder}/steps.json"
@@ -72,6 +87,7 @@ class RunWriter:
             "checkpoint": self.write_checkpoint(k, stage.name, state_dict),
             "optimizer_state": {"path": optimizer_rel, "sha256": atomic_save_tensors(self.path / optimizer_rel, result.optimizer_state)},
             "steps_file": steps_rel,
+            "inner_checkpoints": inner or [],
         }
 
     def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
@@ -195,6 +211,24 @@ class Run:
     def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
         """Per-parameter optimizer state at the end of stage k, keyed ``"<param>/<key>"``."""
         return self._load(self._entry(k)["optimizer_state"])
+
+    def inner_checkpoint_steps(self, k: int) -> list[int]:
+        """Steps of stage k whose entering parameters and optimizer state were saved (besides step 0)."""
+        return [c["step"] for c in self._entry(k).get("inner_checkpoints", [])]
+
+    def inner_checkpoint(self, k: int, step: int) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]]]:
+        """``(state dict, optimizer state)`` entering ``step`` of stage k.
+
+        Step 0 is the stage's start: ``θ^(k−1)`` and the optimizer state it was
+        handed (``None`` for a fresh optimizer).
+        """
+        if step == 0:
+            carried = self.stage_records[k - 1].carry_optimizer_state and k >= 2
+            return self.checkpoint(k - 1), (self.optimizer_state(k - 1) if carried else None)
+        for entry in self._entry(k).get("inner_checkpoints", []):
+            if entry["step"] == step:
+                return self._load(entry["checkpoint"]), self._load(entry["optimizer_state"])
+        raise KeyError(f"stage {k} has no checkpoint entering step {step}; recorded: {self.inner_checkpoint_steps(k)}")
 
     def step_log(self, k: int) -> dict[str, Any]:
         key = ("steps", k)

@@ -54,8 +54,11 @@ class ValidationReport:
 
 def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
              methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
-             progress: bool = True) -> ValidationReport:
-    """Compare every ``method × mode`` against the retraining ground truth, stage by stage."""
+             curvature=None, progress: bool = True) -> ValidationReport:
+    """Compare every ``method × mode`` against the retraining ground truth, stage by stage.
+
+    ``curvature``: ``CurvatureOptions`` for ``"aa-curvature"``.
+    """
     truth = retrain_effects(run, behaviour, progress=progress)
     model = run.build_model()
     start = time.perf_counter()
@@ -66,7 +69,7 @@ def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
     rows, attributions = [], []
     for method in methods:
         for mode in modes:
-            att = attribute(run, behaviour, method=method, mode=mode)
+            att = attribute(run, behaviour, method=method, mode=mode, curvature=curvature, progress=progress)
             attributions.append(att)
             for k, stage in enumerate(run.stages):
                 est, tru = att.effects[k], truth.effects[k]

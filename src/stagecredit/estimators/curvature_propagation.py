@@ -1,0 +1,348 @@
+"""``aa-curvature``: carry every stage's perturbation through the later stages with their curvature.
+
+Each later step is linearised with its minibatch curvature ``C_s`` (Hessian or
+Gauss–Newton) kept (DESIGN §3, estimator 3). All K perturbations travel
+together through one pass over the later stages (a batch of tangents).
+
+Two schemes, the fidelity/cost knob (:class:`CurvatureOptions`):
+
+* ``"exact"`` — the reference: replay each later stage from its recorded start
+  (bit-identical to the recorded run) and apply every step's linearised update
+  with ``C_s`` at that step's parameters on that step's minibatch, and Adam's
+  preconditioner from that step's second moment. Costs about one training
+  pass over the later stages plus one curvature product per tangent per step.
+* ``"segments"`` — cut each stage into segments; within a segment freeze the
+  curvature ``C̄`` at the recorded checkpoint entering it, averaged over a few of
+  the segment's recorded minibatches, and Adam's preconditioner at that
+  checkpoint. The segment's steps are then polynomials in one symmetric
+  operator ``A = S (C̄ + Λ) S`` (``S²``: per-group learning-rate ratios times
+  Adam's preconditioner, ``Λ``: coupled weight decay), so the whole segment is
+  applied as ``f(A) v`` by Lanczos with ``krylov_dim`` products per tangent: the
+  scalar recurrence of the recorded schedule (momentum, Nesterov, dampening,
+  decay, bias correction) is evaluated at every Ritz value. Unlike summing the
+  learning rates and taking one explicit step, this stays stable however long
+  the segment, since each Ritz value follows the true damped recurrence.
+
+With segments of one step, one minibatch each and a full Krylov space, the
+segment scheme reduces to the exact replay for SGD (tested). Adam's second
+moment is frozen along the perturbation in both schemes (its first-order change
+is neglected).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Optional
+
+import torch
+
+from stagecredit.estimators.curvature import CURVATURES, FlatParams, curvature_product
+from stagecredit.estimators.embedding import StageEmbedding, initial_perturbation
+from stagecredit.estimators.krylov import krylov_function_apply, lanczos
+from stagecredit.estimators.optimizers import (
+    STATE_KEY,
+    UnsupportedOptimizerError,
+    carried_state_source,
+    stage_kind,
+    stage_steps,
+)
+from stagecredit.estimators.propagation import ADAM, SGD, adam_tangent_step, propagate_through_stage, sgd_tangent_step
+from stagecredit.progress import progress_bar
+from stagecredit.recording.batches import collate
+from stagecredit.recording.training import train_stage
+from stagecredit.storage.run import Run
+
+SCHEMES = ("segments", "exact")
+METHOD = "aa-curvature"
+
+
+@dataclasses.dataclass(frozen=True)
+class CurvatureOptions:
+    """How ``aa-curvature`` trades fidelity for cost.
+
+    ``scheme``: ``"segments"`` (default) or ``"exact"`` (per-step replay, the reference).
+    ``curvature``: ``"ggn"`` (Gauss–Newton, PSD; default) or ``"hessian"``.
+    ``segment_steps``: steps per segment (default: the run's ``checkpoint_every``).
+    ``krylov_dim``: Lanczos vectors per segment and tangent.
+    ``curvature_batches``: recorded minibatches of a segment (evenly spaced) that its
+    curvature is averaged over; ``None``: all of them.
+
+    Defaults come from ``benchmarks/curvature_schemes.py``: the frozen curvature
+    needs enough samples far more than a large Krylov space.
+    """
+
+    scheme: str = "segments"
+    curvature: str = "ggn"
+    segment_steps: Optional[int] = None
+    krylov_dim: int = 5
+    curvature_batches: Optional[int] = 8
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"unknown scheme {self.scheme!r}; choose one of {', '.join(SCHEMES)}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
+        if self.segment_steps is not None and self.segment_steps < 1:
+            raise ValueError("segment_steps must be >= 1")
+        if self.krylov_dim < 1 or (self.curvature_batches is not None and self.curvature_batches < 1):
+            raise ValueError("krylov_dim and curvature_batches must be >= 1")
+
+    @classmethod
+    def exact(cls, curvature: str = "ggn") -> "CurvatureOptions":
+        return cls(scheme="exact", curvature=curvature)
+
+    @classmethod
+    def fast(cls) -> "CurvatureOptions":
+        return cls(krylov_dim=3, curvature_batches=2)
+
+    @classmethod
+    def thorough(cls) -> "CurvatureOptions":
+        return cls(krylov_dim=10, curvature_batches=None)
+
+    def key(self) -> tuple:
+        return dataclasses.astuple(self)
+
+
+def _require_pipeline(run: Run):
+    try:
+        return run.pipeline
+    except RuntimeError as exc:
+        raise RuntimeError(
+            f"{METHOD} evaluates curvature on the recorded minibatches, so it needs the stages' data and loss: "
+            f"load the run with sc.Run.load(path, pipeline=pipe). 'delta' and 'aa' work without it."
+        ) from exc
+
+
+def _fresh_names(run: Run, j: int, kind: str) -> dict[str, bool]:
+    """Whether each parameter's first-moment buffer starts empty in stage j (SGD's first step then copies)."""
+    source = carried_state_source(run, j)
+    if source is None:
+        return {n: True for n in run.parameter_names}
+    state = run.optimizer_state(source)
+    return {n: f"{n}/{STATE_KEY[kind]}" not in state for n in run.parameter_names}
+
+
+def _stack(tangents: list[dict[str, torch.Tensor]], names, dtype) -> dict[str, torch.Tensor]:
+    return {n: torch.stack([t[n] for t in tangents]).to(dtype) for n in names}
+
+
+def curvature_embeddings(run: Run, options: CurvatureOptions = CurvatureOptions(), *,
+                         progress: bool = True) -> list[StageEmbedding]:
+    """All K stage embeddings with the later stages' curvature kept; one pass over the later stages."""
+    pipeline = _require_pipeline(run)
+    K = run.num_stages
+    names = run.parameter_names
+    dtype = run.parameters(K)[names[0]].dtype
+    probe = pipeline.build_model()  # a separate module: curvature is evaluated without touching the replay
+    start = time.perf_counter()
+    active: list[int] = []
+    d_theta: dict[str, torch.Tensor] = {}
+    d_state: dict[str, torch.Tensor] = {}
+    total = sum(run.stage_records[j - 1].steps for j in range(2, K + 1))
+    with progress_bar(f"{METHOD} ({options.scheme})", total, enabled=progress) as advance:
+        for j in range(2, K + 1):
+            kind = stage_kind(run, j, METHOD)
+            entering = initial_perturbation(run, j - 1)
+            pieces_theta = [d_theta] if active else []
+            pieces_state = [d_state] if active else []
+            pieces_theta.append({n: v.unsqueeze(0).to(dtype) for n, v in entering[0].items()})
+            pieces_state.append({n: v.unsqueeze(0).to(dtype) for n, v in entering[1].items()})
+            d_theta = {n: torch.cat([p[n] for p in pieces_theta]) for n in names}
+            d_state = {n: torch.cat([p[n] for p in pieces_state]) for n in names}
+            active.append(j - 1)
+            if carried_state_source(run, j) is None:
+                d_state = {n: torch.zeros_like(v) for n, v in d_state.items()}
+            propagate = _exact_stage if options.scheme == "exact" else _segments_stage
+            d_theta, d_state = propagate(run, j, kind, d_theta, d_state, probe, options, advance)
+    seconds = (time.perf_counter() - start) / K
+    out = []
+    for k, record in enumerate(run.stage_records, start=1):
+        if k == K:
+            vector = {n: -initial_perturbation(run, K)[0][n].to(dtype) for n in names}
+        else:
+            row = active.index(k)
+            vector = {n: -d_theta[n][row] for n in names}
+        out.append(StageEmbedding(record.name, k, METHOD, vector, seconds))
+    return out
+
+
+# --- the reference: per-step replay -------------------------------------------------------------
+
+
+def _adam_preconditioner_now(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, hp: dict) -> torch.Tensor:
+    state = optimizer.state[param]
+    v = state["max_exp_avg_sq"] if hp.get("amsgrad", False) else state["exp_avg_sq"]
+    t = float(state["step"])
+    return 1.0 / ((v / (1 - hp["betas"][1] ** t)).sqrt() + hp["eps"])
+
+
+def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
+    pipeline = run.pipeline
+    stage = pipeline.stages[j - 1]
+    record = run.stage_records[j - 1]
+    steps = stage_steps(run, j)
+    fresh = _fresh_names(run, j, kind)
+    names = run.parameter_names
+    flat = FlatParams.of(run.parameters(j), names)
+    model = pipeline.build_model()
+    model.load_state_dict(run.checkpoint(j - 1))
+    params = dict(model.named_parameters())
+    carried = run.optimizer_state(j - 1) if carried_state_source(run, j) is not None else None
+    carried_from = run.stage_records[j - 2].optimizer_class if carried is not None else None
+    state = {"theta": d_theta, "buf": d_state}
+
+    def step_tangents(s: int, batch: Any, params_before: dict, optimizer) -> None:
+        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature)
+        hv = flat.unflatten(product(flat.flatten(state["theta"])))
+        for g, group_names in enumerate(record.param_groups):
+            hp = steps[s]["groups"][g]
+            for n in group_names:
+                hvp = (lambda _x, n=n: hv[n])
+                if kind == SGD:
+                    state["theta"][n], state["buf"][n] = sgd_tangent_step(
+                        state["theta"][n], state["buf"][n], hp, first=fresh[n] and s == 0, hvp=hvp)
+                else:
+                    precond = _adam_preconditioner_now(optimizer, params[n], hp)
+                    state["theta"][n], state["buf"][n] = adam_tangent_step(
+                        state["theta"][n], state["buf"][n], hp, t=steps[s]["adam_step"], precond=precond, hvp=hvp)
+        advance()
+
+    train_stage(model, stage, run.batch_indices(j), carried, carried_from=carried_from, after_step=step_tangents)
+    replayed = model.state_dict()
+    recorded = run.checkpoint(j)
+    if any(not torch.equal(replayed[n], recorded[n]) for n in names):
+        raise RuntimeError(
+            f"replaying stage {record.name!r} did not reproduce its recorded checkpoint; the pipeline's data, loss "
+            "or optimizer must have changed since the run was recorded"
+        )
+    return state["theta"], state["buf"]
+
+
+# --- segments: frozen curvature, Lanczos over each segment ---------------------------------------
+
+
+def _shared(steps: list[dict], key: str, record) -> None:
+    values = {repr(s["groups"][g].get(key)) for s in steps for g in range(len(s["groups"]))}
+    if len(values) > 1:
+        raise UnsupportedOptimizerError(
+            f"stage {record.name!r}: param groups differ in {key!r}; the 'segments' scheme of {METHOD} needs them "
+            "equal. Use CurvatureOptions(scheme='exact')."
+        )
+
+
+def _segment_scaling(run, j, kind, steps, a, b, options) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters."""
+    record = run.stage_records[j - 1]
+    names = run.parameter_names
+    flat_sizes = {n: run.parameters(j)[n].numel() for n in names}
+    for key in ("momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "decoupled_weight_decay"):
+        _shared(steps[a:b], key, record)
+    # learning-rate ratios between groups, at the segment step where the first group's lr is largest
+    ref = max(range(a, b), key=lambda s: steps[s]["groups"][0]["lr"])
+    lr0 = steps[ref]["groups"][0]["lr"]
+    decoupled = kind == ADAM and steps[a]["groups"][0].get("decoupled_weight_decay", False)
+    scale = {}
+    decay = {}
+    for g, group_names in enumerate(record.param_groups):
+        hp = steps[ref]["groups"][g]
+        ratio = hp["lr"] / lr0 if lr0 > 0 else 1.0
+        if decoupled and abs(hp["lr"] * hp.get("weight_decay", 0.0) - lr0 * steps[ref]["groups"][0].get("weight_decay", 0.0)) > 1e-12:
+            raise UnsupportedOptimizerError(
+                f"stage {record.name!r}: param groups differ in lr × weight_decay under decoupled decay; use "
+                "CurvatureOptions(scheme='exact')."
+            )
+        for n in group_names:
+            scale[n] = torch.full((flat_sizes[n],), ratio, dtype=torch.float64)
+            decay[n] = torch.full((flat_sizes[n],), 0.0 if decoupled else hp.get("weight_decay", 0.0), dtype=torch.float64)
+    if kind == ADAM:
+        precond = _segment_preconditioner(run, j, a, steps)
+        for n in names:
+            scale[n] = scale[n] * precond[n].reshape(-1)
+    S = torch.cat([scale[n].sqrt() for n in names])
+    Lam = torch.cat([decay[n] for n in names])
+    # the scalar recurrence runs on the first group's schedule with coupled decay folded into the operator
+    reference = [{**s, "groups": [{**s["groups"][0], **({} if decoupled else {"weight_decay": 0.0})}]}
+                 for s in steps[a:b]]
+    return S, Lam, reference
+
+
+def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
+    """Adam's ``1/(√v̂+ε)`` at the first recorded state at or after step a that has taken a step."""
+    hp = steps[a]["groups"][0]
+    candidates = [s for s in [0] + run.inner_checkpoint_steps(j) if s >= a]
+    for s in candidates:
+        _, opt_state = run.inner_checkpoint(j, s)
+        if opt_state is not None and any(k.endswith("/step") and float(v) > 0 for k, v in opt_state.items()):
+            break
+    else:
+        opt_state = run.optimizer_state(j)
+    out = {}
+    for n in run.parameter_names:
+        key = f"{n}/max_exp_avg_sq" if hp.get("amsgrad", False) else f"{n}/exp_avg_sq"
+        t = float(opt_state[f"{n}/step"])
+        v_hat = opt_state[key].to(torch.float64) / (1 - hp["betas"][1] ** t)
+        out[n] = 1.0 / (v_hat.sqrt() + hp["eps"])
+    return out
+
+
+def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int]]:
+    steps = run.stage_records[j - 1].steps
+    recorded = run.inner_checkpoint_steps(j)
+    length = options.segment_steps or (recorded[0] if recorded else steps)
+    return [(a, min(a + length, steps)) for a in range(0, steps, length)]
+
+
+def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
+    pipeline = run.pipeline
+    stage = pipeline.stages[j - 1]
+    steps = stage_steps(run, j)
+    names = run.parameter_names
+    flat = FlatParams.of(run.parameters(j), names)
+    fresh = _fresh_names(run, j, kind)
+    if len(set(fresh.values())) > 1:
+        raise UnsupportedOptimizerError(
+            f"stage {stage.name!r}: some parameters carry a momentum buffer and others do not; use "
+            "CurvatureOptions(scheme='exact')."
+        )
+    stage_fresh = next(iter(fresh.values()))
+    batches = run.batch_indices(j)
+    recorded = [0] + run.inner_checkpoint_steps(j)
+    dtype = d_theta[names[0]].dtype
+    theta = flat.flatten(d_theta).to(torch.float64)
+    buf = flat.flatten(d_state).to(torch.float64)
+    for a, b in _segment_bounds(run, j, options):
+        at = max(s for s in recorded if s <= a)
+        state_dict, _ = run.inner_checkpoint(j, at)
+        count = b - a if options.curvature_batches is None else min(options.curvature_batches, b - a)
+        picks = torch.linspace(a, b - 1, count).round().long().unique()
+        batch = collate(stage.data, batches[picks].reshape(-1))
+        product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
+                                    options.curvature)
+        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, options)
+
+        def operator(x: torch.Tensor) -> torch.Tensor:
+            sx = S * x
+            return S * (product(sx.to(dtype)).to(torch.float64) + Lam * sx)
+
+        u, w = theta / S, buf * S
+        first = stage_fresh and a == 0
+
+        def scalar_maps(ritz: torch.Tensor):
+            hvp_at = lambda _i: (lambda x: ritz * x)  # noqa: E731
+            one, zero = torch.ones_like(ritz), torch.zeros_like(ritz)
+            tt, st = propagate_through_stage(one, zero, reference, 0, kind, fresh=first, hvp_at=hvp_at)
+            ts, ss = propagate_through_stage(zero, one, reference, 0, kind, fresh=first, hvp_at=hvp_at)
+            return tt, ts, st, ss
+
+        basis_u = lanczos(operator, u, options.krylov_dim)
+        new_u = krylov_function_apply(*basis_u, lambda r: scalar_maps(r)[0])
+        new_w = krylov_function_apply(*basis_u, lambda r: scalar_maps(r)[2])
+        if not first and bool((w != 0).any()):
+            basis_w = lanczos(operator, w, options.krylov_dim)
+            new_u = new_u + krylov_function_apply(*basis_w, lambda r: scalar_maps(r)[1])
+            new_w = new_w + krylov_function_apply(*basis_w, lambda r: scalar_maps(r)[3])
+        theta, buf = S * new_u, new_w / S
+        for _ in range(b - a):
+            advance()
+    return (flat.unflatten(theta.to(dtype)), flat.unflatten(buf.to(dtype)))

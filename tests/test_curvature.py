@@ -1,0 +1,197 @@
+"""aa-curvature: curvature products, Lanczos, and exactness against retraining."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import stagecredit as sc
+from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, toy_data, zero_loss
+from stagecredit.estimators.curvature import FlatParams, curvature_product
+from stagecredit.estimators.krylov import krylov_function_apply, lanczos
+
+C = sc.CurvatureOptions
+
+
+# --- curvature products against brute force -----------------------------------------------------
+
+def _tiny():
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)).double()
+    X = torch.randn(10, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    return model, (X, y)
+
+
+def _flat_loss(model, flat, batch, loss=torch.nn.functional.cross_entropy):
+    def f(vector):
+        params = flat.unflatten(vector)
+        out = torch.func.functional_call(model, params, (batch[0],))
+        return loss(out, batch[1])
+    return f
+
+
+def test_hessian_product_matches_autograd_hessian():
+    model, batch = _tiny()
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    p0 = flat.flatten({n: p.detach() for n, p in params.items()})
+    H = torch.autograd.functional.hessian(_flat_loss(model, flat, batch), p0)
+    V = torch.randn(3, p0.numel(), dtype=torch.float64)
+    product = curvature_product(model, ce_loss, batch, params, flat, "hessian")
+    torch.testing.assert_close(product(V), V @ H.T, rtol=1e-8, atol=1e-10)
+
+
+def test_ggn_product_matches_explicit_gauss_newton():
+    model, batch = _tiny()
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    p0 = flat.flatten({n: p.detach() for n, p in params.items()})
+    outputs = lambda v: torch.func.functional_call(model, flat.unflatten(v), (batch[0],))  # noqa: E731
+    J = torch.autograd.functional.jacobian(outputs, p0).reshape(-1, p0.numel())  # [N*C, n]
+    z = outputs(p0).detach()
+    H_L = torch.autograd.functional.hessian(lambda out: torch.nn.functional.cross_entropy(out.view_as(z), batch[1]),
+                                            z.reshape(-1)).reshape(J.shape[0], J.shape[0])
+    G = J.T @ H_L @ J
+    V = torch.randn(2, p0.numel(), dtype=torch.float64)
+    product = curvature_product(model, ce_loss, batch, params, flat, "ggn")
+    torch.testing.assert_close(product(V), V @ G.T, rtol=1e-8, atol=1e-10)
+    # the GGN is positive semi-definite for cross-entropy
+    assert torch.linalg.eigvalsh(G).min() > -1e-10
+
+
+def test_ggn_refuses_a_loss_that_calls_the_model_twice():
+    model, batch = _tiny()
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    twice = lambda m, b: ce_loss(m, b) + 0 * m(b[0]).sum()  # noqa: E731
+    with pytest.raises(ValueError, match="exactly once"):
+        curvature_product(model, twice, batch, params, flat, "ggn")(torch.zeros(1, sum(flat.sizes), dtype=torch.float64))
+
+
+# --- Lanczos ------------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(n=st.integers(4, 20), seed=st.integers(0, 10_000), scale=st.floats(0.01, 2.0))
+def test_lanczos_function_apply_matches_eigendecomposition(n, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    M = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = M @ M.T / n
+    V = torch.randn(3, n, generator=g, dtype=torch.float64)
+    evals, U = torch.linalg.eigh(A)
+    f = lambda x: torch.exp(-scale * x) * torch.cos(x)  # noqa: E731
+    exact = V @ (U @ torch.diag(f(evals)) @ U.T).T
+    approx = krylov_function_apply(*lanczos(lambda X: X @ A, V, n), f)  # full Krylov space: exact
+    torch.testing.assert_close(approx, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_lanczos_is_exact_at_the_operator_rank_and_handles_zero_vectors():
+    g = torch.Generator().manual_seed(0)
+    L = torch.randn(12, 2, generator=g, dtype=torch.float64)
+    A = L @ L.T
+    V = torch.randn(2, 12, generator=g, dtype=torch.float64)
+    V[1] = 0
+    evals, U = torch.linalg.eigh(A)
+    f = lambda x: 1 / (1 + x)  # noqa: E731
+    exact = V @ (U @ torch.diag(f(evals)) @ U.T).T
+    approx = krylov_function_apply(*lanczos(lambda X: X @ A, V, 6), f)
+    torch.testing.assert_close(approx, exact, rtol=1e-9, atol=1e-10)
+
+
+# --- exactness against retraining ---------------------------------------------------------------
+
+def _quadratic_run(tmp_path, batch_size=16):
+    """Linear regression with squared error: the training loss is exactly quadratic (constant Hessian per batch)."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    stages = [
+        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
+                 batch_size=batch_size, seed=1),
+        sc.Stage("b", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.8, nesterov=True, weight_decay=0.01),
+                 steps=16, batch_size=batch_size, seed=2,
+                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
+        sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
+                 batch_size=batch_size, seed=3),
+    ]
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=1).run(tmp_path / "q", progress=False)
+    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_exact_replay_equals_retraining_on_a_quadratic_model(tmp_path, curvature):
+    run, behaviour = _quadratic_run(tmp_path)
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact(curvature), progress=False)
+    assert np.abs(truth.effects).max() > 0.1
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+    # without the curvature the same run is visibly wrong, so the equality above is informative
+    aa = sc.attribute(run, behaviour, "aa", "model")
+    assert np.abs(aa.effects - truth.effects).max() > 1e-2
+
+
+def test_segments_converge_to_the_exact_replay(tmp_path):
+    run, behaviour = _quadratic_run(tmp_path)
+    exact = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
+    errors = []
+    for length in (16, 4, 1):
+        options = C(curvature="hessian", segment_steps=length, curvature_batches=1, krylov_dim=14)
+        seg = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+        errors.append(np.abs(seg.effects - exact.effects).max())
+    assert errors[0] > errors[1] > errors[2]
+    assert errors[2] < 5e-5  # one step per segment, that step's own batch, full Krylov space: the exact replay
+
+
+def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path):
+    run, behaviour = _quadratic_run(tmp_path, batch_size=64)  # full batch: one Hessian for every step
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    options = C(curvature="hessian", segment_steps=16, curvature_batches=1, krylov_dim=14)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", sorted(SGD_ADAMW_SCHEDULES))
+@pytest.mark.parametrize("scheme", ["exact", "segments"])
+def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy_behaviour, name, scheme):
+    first, later = SGD_ADAMW_SCHEDULES[name]
+    X, y = toy_data()
+    stages = [sc.Stage("s1", (X, y), ce_loss, first, steps=20, batch_size=16, seed=1)]
+    for i, (opt, sched) in enumerate(later, start=2):
+        stages.append(sc.Stage(f"s{i}", (X, y), zero_loss, opt, steps=17, batch_size=16, seed=i, scheduler=sched))
+    run = sc.Pipeline(make_mlp, stages, checkpoint_every=5).run(tmp_path / "r", progress=False)
+    truth = sc.retrain_effects(run, toy_behaviour, progress=False)
+    est = sc.attribute(run, toy_behaviour, "aa-curvature", "model", curvature=C(scheme=scheme), progress=False)
+    np.testing.assert_allclose(est.effects, truth.effects, atol=2e-5, rtol=1e-4)
+
+
+# --- errors and integration ---------------------------------------------------------------------
+
+def test_aa_curvature_needs_the_pipeline(toy_run, toy_behaviour):
+    loaded = sc.Run.load(toy_run.path)
+    with pytest.raises(RuntimeError, match="pipeline=pipe") as info:
+        sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", progress=False)
+    assert "'delta' and 'aa' work without it" in str(info.value)
+
+
+def test_exact_replay_detects_a_changed_pipeline(toy_run, toy_behaviour):
+    from conftest import three_stage_pipeline
+
+    changed = three_stage_pipeline()
+    changed.stages[1].optimizer = lambda p: torch.optim.AdamW(p, lr=0.021, weight_decay=0.3)
+    loaded = sc.Run.load(toy_run.path, pipeline=changed)
+    with pytest.raises(RuntimeError, match="did not reproduce its recorded checkpoint"):
+        sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)
+
+
+def test_options_are_validated():
+    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"krylov_dim": 0}):
+        with pytest.raises(ValueError):
+            C(**bad)
+
+
+def test_validate_reports_aa_curvature_rows(toy_run, toy_behaviour):
+    report = sc.validate(toy_run, toy_behaviour, methods=["aa", "aa-curvature"], modes=["model"], progress=False)
+    rows = {(r["stage"], r["method"]): r for r in report.rows}
+    assert rows[("adapt", "aa-curvature")]["pearson"] == pytest.approx(1.0)
+    assert np.isfinite(rows[("pretrain", "aa-curvature")]["pearson"])
