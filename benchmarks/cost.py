@@ -23,7 +23,8 @@ from pipelines import PIPELINES
 
 from stagecredit.reports.tables import Table
 
-PHASES = ["forward", "delta/linear", "delta/model", "aa/linear", "aa/model", "retrain"]
+PHASES = ["forward", "delta/linear", "delta/model", "aa/linear", "aa/model", "aa-curvature/linear", "aa-curvature/model",
+          "retrain"]
 
 
 def _phase(name: str, run_dir: str, phase: str, queue) -> None:
@@ -48,7 +49,7 @@ def _phase(name: str, run_dir: str, phase: str, queue) -> None:
             sc.retrain_effects(run, behaviour, progress=False)
         else:
             method, mode = phase.split("/")
-            sc.attribute(run, behaviour, method=method, mode=mode)
+            sc.attribute(run, behaviour, method=method, mode=mode, progress=False)
         return time.perf_counter() - start
 
     first = once()  # includes one-time set-up (torch.func's forward-mode machinery, lazy imports)

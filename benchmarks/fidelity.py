@@ -22,7 +22,7 @@ from stagecredit.reports.tables import Table
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(PIPELINES), action="append")
-    parser.add_argument("--methods", nargs="+", default=["delta", "aa"])
+    parser.add_argument("--methods", nargs="+", default=["delta", "aa", "aa-curvature"])
     args = parser.parse_args()
     names = args.only or list(PIPELINES)
     all_rows, tables = [], []

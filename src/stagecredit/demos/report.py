@@ -51,10 +51,10 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
     train_seconds = time.perf_counter() - started
 
     loss = sc.PerExampleLoss(data.test, mnist.cross_entropy, name=f"MNIST test loss per example ({UNIT})")
-    report = sc.validate(run, loss, methods=["delta", "aa"], progress=progress)
+    report = sc.validate(run, loss, methods=["delta", "aa", "aa-curvature"], progress=progress)
     correct = sc.PerExampleCorrect(data.test, name="MNIST test correctness per example")
     acc_truth = sc.retrain_effects(run, correct, progress=progress)
-    acc_aa = sc.attribute(run, correct, method="aa", mode="model")
+    acc_est = sc.attribute(run, correct, method="aa-curvature", mode="model", progress=progress)
 
     groups = list(mnist.GROUPS)
     g = data.test_groups.numpy()
@@ -77,21 +77,21 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
     acc_rows = [["none (final model)"] + [100 * a for a in final_acc] + ["", ""]]
     for k, stage in enumerate(run.stages):
         without = [final_acc[gi] - float(acc_truth.effects[k, g == gi].mean()) for gi in range(len(groups))]
-        est = [final_acc[gi] - float(acc_aa.effects[k, g == gi].mean()) for gi in range(len(groups))]
+        est = [final_acc[gi] - float(acc_est.effects[k, g == gi].mean()) for gi in range(len(groups))]
         acc_rows.append([f"'{stage}' skipped"] + [100 * w for w in without] + [100 * e for e in est])
     accuracy = Table(
         title="Test accuracy (%) by group: final model, and with each stage skipped",
-        columns=["model"] + [f"{grp} (retrain)" for grp in groups] + [f"{grp} (aa/model est.)" for grp in groups],
+        columns=["model"] + [f"{grp} (retrain)" for grp in groups] + [f"{grp} (aa-curvature est.)" for grp in groups],
         rows=[[row[0]] + [f"{v:.1f}" if isinstance(v, float) else v for v in row[1:]] for row in acc_rows],
-        note="Retrain columns: the model actually retrained without the stage. Estimate columns: θ_T − e_k from the aa "
-             "stage embedding, no retraining.",
+        note="Retrain columns: the model actually retrained without the stage. Estimate columns: θ_T − e_k from the "
+             "aa-curvature stage embedding (model mode), no retraining.",
     )
     validation = validation_table(report)
 
     bars = group_effects_plot(out_dir / "effects_by_group.png", run.stages, groups,
                               {"retrain (truth)": truth_groups, **estimates}, UNIT)
     scatter = scatter_plot(out_dir / "estimate_vs_retrain.png", report.truth,
-                           [a for a in report.attributions if a.method == "aa"], UNIT)
+                           [a for a in report.attributions if a.method in ("aa", "aa-curvature")], UNIT)
     story = headline(run.stages, groups, truth_groups, estimates)
     total_seconds = time.perf_counter() - started
     timing = (f"Timing on this machine: training {train_seconds:.1f} s; retraining without each stage "
@@ -113,7 +113,7 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
         "accuracy": {"final": final_acc,
                      "without_stage_retrain": [[final_acc[gi] - float(acc_truth.effects[k, g == gi].mean())
                                                 for gi in range(len(groups))] for k in range(run.num_stages)],
-                     "without_stage_aa_model": [[final_acc[gi] - float(acc_aa.effects[k, g == gi].mean())
+                     "without_stage_aa_curvature_model": [[final_acc[gi] - float(acc_est.effects[k, g == gi].mean())
                                                  for gi in range(len(groups))] for k in range(run.num_stages)]},
         "validation": report.to_dict(),
         "seconds": {"train": train_seconds, "retrain": sum(report.truth.seconds), "total": total_seconds},
