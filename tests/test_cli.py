@@ -40,6 +40,14 @@ def test_record_attribute_validate_report(tmp_path):
     assert {r["method"] for r in rows} == {"aa"} and len(rows) == 6
     assert (run / "validation" / "estimate_vs_retrain.png").is_file()
 
+    result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--scheme", "exact",
+                    "--pipeline", "conftest:three_stage_pipeline", "--out", tmp_path / "curv")
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "curv" / "attribution.json").read_text())
+    assert data["method"] == "aa-curvature" and len(data["effects"][0]) == 64
+    result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature")
+    assert result.exit_code == 2 and "pipeline=" in result.output
+
     result = invoke("report", run / "validation")
     assert result.exit_code == 0 and "Pearson" in result.output
 

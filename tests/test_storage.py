@@ -227,3 +227,17 @@ def test_recording_over_an_existing_run_needs_overwrite(recorded, tmp_path):
     assert (target / "run.json").read_text() == before  # the old run is untouched
     rerun = three_stage_pipeline().run(target, progress=False, overwrite=True)
     assert torch.equal(rerun.checkpoint(3)["2.bias"], load_file(path / CHECKPOINTS[3])["2.bias"])
+
+
+def test_written_files_get_ordinary_permissions(tmp_path):
+    import os
+    import stat
+
+    from stagecredit.storage.atomic import atomic_write_text
+
+    umask = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "a.txt", "x")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644

@@ -53,7 +53,7 @@ from stagecredit.recording.batches import collate
 from stagecredit.recording.training import train_stage
 from stagecredit.storage.run import Run
 
-SCHEMES = ("segments", "exact")
+SCHEMES = ("auto", "segments", "exact")
 METHOD = "aa-curvature"
 
 
@@ -61,7 +61,13 @@ METHOD = "aa-curvature"
 class CurvatureOptions:
     """How ``aa-curvature`` trades fidelity for cost.
 
-    ``scheme``: ``"segments"`` (default) or ``"exact"`` (per-step replay, the reference).
+    ``scheme``: ``"auto"`` (default: segments through SGD stages, the per-step
+    replay through Adam-family stages), ``"segments"`` everywhere, or ``"exact"``
+    (per-step replay everywhere, the reference). Adam stages are replayed by
+    default because a frozen second moment is unreliable where features are
+    sparse: on MNIST, input weights of rarely lit pixels have ``v̂ ≈ 0`` at the
+    checkpoints while the segment's averaged curvature touches them, and the
+    frozen recurrence amplifies them (benchmarks/curvature_schemes.py).
     ``curvature``: ``"ggn"`` (Gauss–Newton, PSD; default) or ``"hessian"``.
     ``segment_steps``: steps per segment (default: the run's ``checkpoint_every``).
     ``krylov_dim``: Lanczos vectors per segment and tangent.
@@ -72,7 +78,7 @@ class CurvatureOptions:
     needs enough samples far more than a large Krylov space.
     """
 
-    scheme: str = "segments"
+    scheme: str = "auto"
     curvature: str = "ggn"
     segment_steps: Optional[int] = None
     krylov_dim: int = 5
@@ -94,7 +100,7 @@ class CurvatureOptions:
 
     @classmethod
     def fast(cls) -> "CurvatureOptions":
-        return cls(krylov_dim=3, curvature_batches=2)
+        return cls(scheme="segments", krylov_dim=3, curvature_batches=2)
 
     @classmethod
     def thorough(cls) -> "CurvatureOptions":
@@ -153,7 +159,8 @@ def curvature_embeddings(run: Run, options: CurvatureOptions = CurvatureOptions(
             active.append(j - 1)
             if carried_state_source(run, j) is None:
                 d_state = {n: torch.zeros_like(v) for n, v in d_state.items()}
-            propagate = _exact_stage if options.scheme == "exact" else _segments_stage
+            replay = options.scheme == "exact" or (options.scheme == "auto" and kind == ADAM)
+            propagate = _exact_stage if replay else _segments_stage
             d_theta, d_state = propagate(run, j, kind, d_theta, d_state, probe, options, advance)
     seconds = (time.perf_counter() - start) / K
     out = []
@@ -231,7 +238,7 @@ def _shared(steps: list[dict], key: str, record) -> None:
         )
 
 
-def _segment_scaling(run, j, kind, steps, a, b, options) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+def _segment_scaling(run, j, kind, steps, a, b) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters."""
     record = run.stage_records[j - 1]
     names = run.parameter_names
@@ -267,23 +274,33 @@ def _segment_scaling(run, j, kind, steps, a, b, options) -> tuple[torch.Tensor, 
     return S, Lam, reference
 
 
-def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
-    """Adam's ``1/(√v̂+ε)`` at the first recorded state at or after step a that has taken a step."""
-    hp = steps[a]["groups"][0]
-    candidates = [s for s in [0] + run.inner_checkpoint_steps(j) if s >= a]
-    for s in candidates:
-        _, opt_state = run.inner_checkpoint(j, s)
-        if opt_state is not None and any(k.endswith("/step") and float(v) > 0 for k, v in opt_state.items()):
-            break
-    else:
-        opt_state = run.optimizer_state(j)
+def _v_hat(opt_state: Optional[dict], hp: dict, names) -> Optional[dict[str, torch.Tensor]]:
+    """Adam's bias-corrected second moment in a recorded optimizer state (None before its first step)."""
+    if opt_state is None or not any(k.endswith("/step") and float(v) > 0 for k, v in opt_state.items()):
+        return None
     out = {}
-    for n in run.parameter_names:
+    for n in names:
         key = f"{n}/max_exp_avg_sq" if hp.get("amsgrad", False) else f"{n}/exp_avg_sq"
-        t = float(opt_state[f"{n}/step"])
-        v_hat = opt_state[key].to(torch.float64) / (1 - hp["betas"][1] ** t)
-        out[n] = 1.0 / (v_hat.sqrt() + hp["eps"])
+        out[n] = opt_state[key].to(torch.float64) / (1 - hp["betas"][1] ** float(opt_state[f"{n}/step"]))
     return out
+
+
+def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
+    """Adam's ``1/(√v̂+ε)`` for a segment: ``v̂`` is the largest the stage recorded at any checkpoint.
+
+    With the second moment frozen along the perturbation, a coordinate that is
+    rarely active (an input pixel lit in few images) has ``v̂ ≈ 0`` at most
+    checkpoints and a preconditioner near ``1/ε``, while the segment's averaged
+    curvature is non-zero there; in the real run each step that touches it
+    divides by a ``v̂`` that already holds its gradient. The largest recorded
+    ``v̂`` is the preconditioner of the steps where the coordinate was active,
+    which keeps the frozen recurrence as damped as the real one there.
+    """
+    hp = steps[a]["groups"][0]
+    names = run.parameter_names
+    states = [run.inner_checkpoint(j, s)[1] for s in run.inner_checkpoint_steps(j)] + [run.optimizer_state(j)]
+    known = [v for v in (_v_hat(state, hp, names) for state in states) if v is not None]
+    return {n: 1.0 / (torch.stack([v[n] for v in known]).max(dim=0).values.sqrt() + hp["eps"]) for n in names}
 
 
 def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int]]:
@@ -319,7 +336,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         batch = collate(stage.data, batches[picks].reshape(-1))
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
                                     options.curvature)
-        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, options)
+        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b)
 
         def operator(x: torch.Tensor) -> torch.Tensor:
             sx = S * x
