@@ -28,14 +28,13 @@ VARIANTS = {
     "aa (H = 0)": None,
     "exact, GGN": C.exact("ggn"),
     "exact, Hessian": C.exact("hessian"),
-    "auto: segments 50 (SGD) + replay (Adam), k5, 8 batches (default)": C(),
-    "auto, k10, all batches (thorough)": C.thorough(),
-    "segments 50 everywhere, k5, 8 batches": C(scheme="segments"),
-    "segments 50 everywhere, k5, 8 batches, Hessian": C(scheme="segments", curvature="hessian"),
-    "segments 50 everywhere, k3, 2 batches (fast)": C.fast(),
-    "segments 50 everywhere, k10, all batches": C(scheme="segments", krylov_dim=10, curvature_batches=None),
-    "segments 25 everywhere, k5, 8 batches": C(scheme="segments", segment_steps=25),
-    "segments 100 everywhere, k5, 8 batches": C(scheme="segments", segment_steps=100),
+    "segments 50, k5, 8 batches (default)": C(),
+    "segments 50, k5, 8 batches, Hessian": C(curvature="hessian"),
+    "segments 50, k3, 2 batches (fast)": C.fast(),
+    "segments 50, k10, all batches (thorough)": C.thorough(),
+    "segments 25, k5, 8 batches": C(segment_steps=25),
+    "segments 100, k5, 8 batches": C(segment_steps=100),
+    "auto (segments for SGD, replay for Adam), k5, 8 batches": C(scheme="auto"),
 }
 
 

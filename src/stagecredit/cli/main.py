@@ -84,7 +84,7 @@ def attribute(
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     pipeline: Optional[str] = typer.Option(None, help=PIPELINE_HELP + " Needed when the run cannot rebuild its model by itself."),
     method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
-    scheme: str = typer.Option("auto", help="aa-curvature only: auto (default) | segments | exact (per-step replay)."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     out: Optional[Path] = typer.Option(None, help="Write attribution.json and summary.md here (default: RUN/attribution)."),
 ) -> None:
@@ -116,7 +116,7 @@ def validate(
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     methods: List[str] = typer.Option(["delta", "aa"], "--method",
                                       help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
-    scheme: str = typer.Option("auto", help="aa-curvature only: auto (default) | segments | exact (per-step replay)."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:

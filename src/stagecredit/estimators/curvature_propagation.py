@@ -61,13 +61,15 @@ METHOD = "aa-curvature"
 class CurvatureOptions:
     """How ``aa-curvature`` trades fidelity for cost.
 
-    ``scheme``: ``"auto"`` (default: segments through SGD stages, the per-step
-    replay through Adam-family stages), ``"segments"`` everywhere, or ``"exact"``
-    (per-step replay everywhere, the reference). Adam stages are replayed by
-    default because a frozen second moment is unreliable where features are
-    sparse: on MNIST, input weights of rarely lit pixels have ``v̂ ≈ 0`` at the
-    checkpoints while the segment's averaged curvature touches them, and the
-    frozen recurrence amplifies them (benchmarks/curvature_schemes.py).
+    ``scheme``: ``"segments"`` (default), ``"exact"`` (per-step replay, the
+    reference), or ``"auto"`` (segments through SGD stages, the per-step replay
+    through Adam-family stages). A frozen Adam second moment is unreliable where
+    features are sparse: on MNIST, input weights of rarely lit pixels have
+    ``v̂ ≈ 0`` at the checkpoints while the segment's averaged curvature touches
+    them, and the frozen recurrence amplifies them. Yet per-step curvature from
+    single minibatches is noisier than a segment's average, and on the digits
+    pipelines segments everywhere agree best with retraining
+    (benchmarks/curvature_schemes.py), so segments stay the default.
     ``curvature``: ``"ggn"`` (Gauss–Newton, PSD; default) or ``"hessian"``.
     ``segment_steps``: steps per segment (default: the run's ``checkpoint_every``).
     ``krylov_dim``: Lanczos vectors per segment and tangent.
@@ -78,7 +80,7 @@ class CurvatureOptions:
     needs enough samples far more than a large Krylov space.
     """
 
-    scheme: str = "auto"
+    scheme: str = "segments"
     curvature: str = "ggn"
     segment_steps: Optional[int] = None
     krylov_dim: int = 5
@@ -100,7 +102,7 @@ class CurvatureOptions:
 
     @classmethod
     def fast(cls) -> "CurvatureOptions":
-        return cls(scheme="segments", krylov_dim=3, curvature_batches=2)
+        return cls(krylov_dim=3, curvature_batches=2)
 
     @classmethod
     def thorough(cls) -> "CurvatureOptions":
