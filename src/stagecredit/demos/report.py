@@ -22,6 +22,11 @@ def group_means(effects: np.ndarray, groups: np.ndarray, count: int) -> np.ndarr
     return np.stack([effects[:, groups == g].mean(axis=1) for g in range(count)], axis=1)
 
 
+def short_label(label: str) -> str:
+    method, mode = label.split("/")
+    return f"τ̂ {method.replace('aa-curvature', 'aa-curv')} {'lin' if mode == 'linear' else 'mdl'}"
+
+
 def headline(stages, groups, truth_groups, estimates: dict[str, np.ndarray]) -> str:
     g = groups.index("cue disagrees")
     blamed = int(np.argmax(truth_groups[:, g]))
@@ -68,9 +73,10 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
                                + [float(est[k, gi]) for est in estimates.values()])
     effects = Table(
         title=f"Stage effects on each group's mean test loss ({UNIT})",
-        columns=["stage", "group", "τ retrain", "verdict"] + [f"τ̂ {label}" for label in estimates],
+        columns=["stage", "group", "τ retrain", "verdict"] + [short_label(label) for label in estimates],
         rows=effect_rows,
-        note=report.sign_convention,
+        note=report.sign_convention + " τ̂ columns: estimates without retraining (lin = linear mode, mdl = model mode, "
+             "aa-curv = aa-curvature).",
     )
 
     final_acc = [float(acc_truth.final_values[g == gi].mean()) for gi in range(len(groups))]
