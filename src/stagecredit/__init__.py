@@ -10,6 +10,7 @@ from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attri
 from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+from stagecredit.recording.recorder import Recorder
 from stagecredit.recording.stage import Pipeline, Stage
 from stagecredit.storage.run import Run
 from stagecredit.storage.tensor_files import RunFileError
@@ -24,6 +25,7 @@ __all__ = [
     "GroupMean",
     "PerExampleCorrect",
     "PerExampleLoss",
+    "Recorder",
     "Pipeline",
     "Run",
     "RunFileError",

@@ -72,7 +72,7 @@ class RunWriter:
         steps_rel = f"{folder}/steps.json"
         atomic_write_json(
             self.path / steps_rel,
-            {"seed": stage.seed, "batch_indices": batches.tolist(), "steps": result.steps},
+            {"seed": stage.seed, "batch_indices": None if batches is None else batches.tolist(), "steps": result.steps},
         )
         return {
             "name": stage.name,
@@ -112,8 +112,8 @@ class StageRecord:
     index: int
     name: str
     steps: int
-    batch_size: int
-    seed: int
+    batch_size: Optional[int]
+    seed: Optional[int]
     carry_optimizer_state: bool
     optimizer_class: str
     scheduler_class: Optional[str]
@@ -152,7 +152,9 @@ class Run:
     def _check_pipeline(self, pipeline) -> None:
         recorded = [(s.name, s.steps, s.batch_size, s.seed) for s in self.stage_records]
         given = [(s.name, s.steps, s.batch_size, s.seed) for s in pipeline.stages]
-        if recorded != given:
+        # a run recorded from a hand-written loop may not know a stage's batch size or seed
+        comparable = [tuple(g if r is not None else None for r, g in zip(rec, giv)) for rec, giv in zip(recorded, given)]
+        if len(recorded) != len(given) or recorded != comparable:
             raise ValueError(
                 f"the pipeline does not match the run at {self.path}: recorded stages (name, steps, batch, seed) "
                 f"{recorded}, pipeline has {given}"
@@ -247,7 +249,13 @@ class Run:
         return self.step_log(k)["steps"]
 
     def batch_indices(self, k: int) -> torch.Tensor:
-        return torch.tensor(self.step_log(k)["batch_indices"], dtype=torch.long)
+        indices = self.step_log(k)["batch_indices"]
+        if indices is None:
+            raise RunFileError(
+                f"stage {self.stages[k - 1]!r} was recorded without minibatch indices (pass them with rec.batch()); "
+                "retraining and aa-curvature need them, 'delta' and 'aa' do not"
+            )
+        return torch.tensor(indices, dtype=torch.long)
 
     # --- models --------------------------------------------------------------
     @property

@@ -1,0 +1,183 @@
+"""Record a run from your own training loop, without changing its update code.
+
+::
+
+    rec = sc.Recorder("runs/mine", model)
+    with rec.stage("pretrain", optimizer, scheduler=scheduler, seed=0):
+        for indices, batch in loader:          # your loop, unchanged
+            loss = loss_fn(model, batch); loss.backward(); optimizer.step(); optimizer.zero_grad()
+            scheduler.step()
+            rec.batch(indices, loss=loss)       # optional: minibatch identities (and the loss)
+    run = rec.finish()
+
+Hyper-parameters are read from ``optimizer.param_groups`` by a step pre-hook
+at the moment of every ``optimizer.step()`` (lr after the scheduler), so the
+record is the same as ``sc.Pipeline`` would write for the same training.
+
+What each estimator needs: ``delta`` — nothing beyond the stage boundaries;
+``aa`` — the per-step hyper-parameters (always captured); ``aa-curvature`` and
+retraining — the minibatch indices (``rec.batch``) and the pipeline that
+defines the stages' data and loss (``sc.Run.load(path, pipeline=pipe)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+
+from stagecredit.recording.optimizer_state import (
+    adam_step_count,
+    group_hyperparameters,
+    param_names_by_group,
+    state_tensors,
+)
+from stagecredit.recording.training import StageResult, class_name, importable_name
+
+
+@dataclasses.dataclass
+class _StageInfo:
+    """The fields of a stage that a run's manifest records."""
+
+    name: str
+    steps: int
+    batch_size: Optional[int]
+    seed: Optional[int]
+    carry_optimizer_state: bool
+
+
+class Recorder:
+    """Records checkpoints, optimizer state and per-step hyper-parameters of a hand-written loop.
+
+    ``model_fn`` (optional, importable by name) lets ``sc.Run.load(path)`` rebuild the model
+    without a pipeline. ``checkpoint_every`` as in ``sc.Pipeline``.
+    """
+
+    def __init__(self, path, model: torch.nn.Module, *, model_fn: Optional[Callable[[], torch.nn.Module]] = None,
+                 checkpoint_every: int = 50, overwrite: bool = False, pipeline_seed: int = 0) -> None:
+        from stagecredit.storage.run import RunWriter
+
+        if checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
+        self.path = Path(path)
+        self.model = model
+        self.model_fn = model_fn
+        self.checkpoint_every = checkpoint_every
+        self.pipeline_seed = pipeline_seed
+        self._writer = RunWriter(self.path, overwrite=overwrite)
+        self._writer.write_checkpoint(0, "init", model.state_dict())
+        self._entries: list[dict[str, Any]] = []
+        self._names: set[str] = set()
+        self._last_class: Optional[str] = None
+        self._open = False
+        self._records: list[dict[str, Any]] = []
+        self._indices: list[list[int]] = []
+        self._batch_calls = 0
+        self._pending: dict[str, Any] = {}
+        self._finished = False
+
+    @contextlib.contextmanager
+    def stage(self, name: str, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
+              seed: Optional[int] = None) -> Iterator["Recorder"]:
+        """Record one stage: every ``optimizer.step()`` inside the block is one recorded step.
+
+        An optimizer that already holds state (e.g. the previous stage's) is
+        recorded as carrying it over. ``seed``, if given, seeds torch's global RNG
+        now (as ``sc.Pipeline`` does at a stage's start) and is recorded.
+        """
+        if self._finished:
+            raise RuntimeError("this Recorder has finished; start a new one for another run")
+        if self._open:
+            raise RuntimeError("stages cannot be nested: close the current stage first")
+        if not name or "/" in name or name in self._names:
+            raise ValueError(f"stage name must be unique, non-empty and contain no '/': {name!r}")
+        carry = len(optimizer.state) > 0
+        if carry and self._entries and self._last_class != class_name(optimizer):
+            raise ValueError(
+                f"stage {name!r} reuses optimizer state, but the previous stage ran {self._last_class} and this one "
+                f"runs {class_name(optimizer)}; state can only be carried between the same optimizer class"
+            )
+        if seed is not None:
+            torch.manual_seed(seed)
+        groups = param_names_by_group(optimizer, self.model)
+        self._open, self._records, self._indices, self._batch_calls = True, [], [], 0
+        inner: list[dict[str, Any]] = []
+        k = len(self._entries) + 1
+        pending = self._pending = {}
+        start = time.perf_counter()
+
+        def before(opt, args, kwargs):
+            step = len(self._records)
+            if self.checkpoint_every and step > 0 and step % self.checkpoint_every == 0:
+                inner.append(self._writer.write_step_checkpoint(k, name, step, self.model.state_dict(),
+                                                                state_tensors(opt, self.model)))
+            pending["groups"] = group_hyperparameters(opt)
+
+        def after(opt, args, kwargs):
+            record: dict[str, Any] = {"groups": pending.pop("groups")}
+            if "loss" in pending:
+                record["loss"] = pending.pop("loss")
+            t = adam_step_count(opt)
+            if t is not None:
+                record["adam_step"] = t
+            self._records.append(record)
+
+        handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._open = False
+        steps = len(self._records)
+        if steps == 0:
+            raise RuntimeError(f"stage {name!r} took no optimizer step")
+        if self._batch_calls not in (0, steps):
+            raise RuntimeError(f"stage {name!r}: rec.batch() was called {self._batch_calls} times for {steps} steps; "
+                               "call it once per step, or never")
+        indices = torch.tensor(self._indices, dtype=torch.long) if self._indices else None
+        info = _StageInfo(name, steps, None if indices is None else indices.shape[1], seed, carry)
+        result = StageResult(
+            optimizer_class=class_name(optimizer),
+            scheduler_class=None if scheduler is None else class_name(scheduler),
+            param_groups=groups,
+            steps=self._records,
+            optimizer_state=state_tensors(optimizer, self.model),
+            seconds=time.perf_counter() - start,
+        )
+        self._entries.append(self._writer.write_stage(k, info, indices, result, self.model.state_dict(), inner))
+        self._names.add(name)
+        self._last_class = result.optimizer_class
+
+    def batch(self, indices: Sequence[int] | torch.Tensor, *, loss: Optional[torch.Tensor | float] = None) -> None:
+        """Identify the current step's minibatch (dataset indices) and, optionally, its loss.
+
+        Call once per step, before or after ``optimizer.step()``.
+        """
+        if not self._open:
+            raise RuntimeError("rec.batch() must be called inside `with rec.stage(...)`")
+        self._batch_calls += 1
+        self._indices.append([int(i) for i in torch.as_tensor(indices).reshape(-1)])
+        if loss is not None:
+            loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+            if self._batch_calls <= len(self._records):  # called after this step's optimizer.step()
+                self._records[self._batch_calls - 1]["loss"] = loss
+            else:
+                self._pending["loss"] = loss
+
+    def finish(self, pipeline=None):
+        """Write the manifest and return the recorded ``sc.Run``."""
+        from stagecredit.storage.run import Run
+
+        if self._open:
+            raise RuntimeError("close the open stage before finishing")
+        if not self._entries:
+            raise RuntimeError("no stage was recorded")
+        seeded = dataclasses.make_dataclass("PipelineInfo", [("seed", int)])(self.pipeline_seed)
+        self._writer.finish(seeded, self._entries, importable_name(self.model_fn) if self.model_fn else None)
+        self._finished = True
+        return Run.load(self.path, pipeline=pipeline)
