@@ -1,0 +1,60 @@
+"""Hugging Face ``Trainer`` integration: each ``trainer.train()`` call is one recorded stage.
+
+::
+
+    rec = sc.Recorder("runs/bert", model, model_fn=make_model)
+    Trainer(model=model, args=args, train_dataset=pre, callbacks=[StageCreditCallback(rec, "pretrain")]).train()
+    Trainer(model=model, args=args2, train_dataset=ft, callbacks=[StageCreditCallback(rec, "finetune")]).train()
+    run = rec.finish()
+
+The optimizer the Trainer builds (AdamW by default) and its learning-rate
+schedule are read at every optimizer step, so gradient accumulation records
+one step per real update. Minibatch identities are not recorded (the Trainer's
+sampler owns them): ``delta`` and ``aa`` work; retraining and ``aa-curvature``
+need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+from transformers import TrainerCallback
+
+from stagecredit.recording.recorder import Recorder
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer inside wrappers such as accelerate's ``AcceleratedOptimizer``."""
+    while hasattr(optimizer, "optimizer") and isinstance(getattr(optimizer, "optimizer"), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"expected a torch optimizer from the Trainer, got {type(optimizer).__name__}")
+    return optimizer
+
+
+def unwrap_scheduler(scheduler):
+    return getattr(scheduler, "scheduler", scheduler)
+
+
+class StageCreditCallback(TrainerCallback):
+    """Records the ``trainer.train()`` call it is attached to as stage ``stage`` of ``recorder``'s run."""
+
+    def __init__(self, recorder: Recorder, stage: str, *, seed: Optional[int] = None) -> None:
+        self.recorder = recorder
+        self.stage = stage
+        self.seed = seed
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
+        if optimizer is None:
+            raise RuntimeError("the Trainer created no optimizer before training began; stagecredit cannot record it")
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.recorder.stage(self.stage, unwrap_optimizer(optimizer),
+                                                      scheduler=unwrap_scheduler(lr_scheduler), seed=self.seed))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()

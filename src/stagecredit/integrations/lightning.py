@@ -1,0 +1,50 @@
+"""Lightning integration: each ``trainer.fit()`` call is one recorded stage.
+
+::
+
+    rec = sc.Recorder("runs/lit", module, model_fn=make_module)
+    L.Trainer(max_steps=500, callbacks=[StageCreditCallback(rec, "pretrain")]).fit(module, pretrain_loader)
+    L.Trainer(max_steps=200, callbacks=[StageCreditCallback(rec, "finetune")]).fit(module, finetune_loader)
+    run = rec.finish()
+
+The optimizer returned by ``configure_optimizers`` (one optimizer) and its
+scheduler are read at every step. Minibatch identities are not recorded:
+``delta`` and ``aa`` work; retraining and ``aa-curvature`` need a run recorded
+through ``sc.Pipeline`` or ``rec.batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+try:
+    from lightning.pytorch.callbacks import Callback
+except ImportError:  # pragma: no cover - the standalone package name
+    from pytorch_lightning.callbacks import Callback
+
+from stagecredit.recording.recorder import Recorder
+
+
+class StageCreditCallback(Callback):
+    """Records the ``trainer.fit()`` it is attached to as stage ``stage`` of ``recorder``'s run."""
+
+    def __init__(self, recorder: Recorder, stage: str, *, seed: Optional[int] = None) -> None:
+        self.recorder = recorder
+        self.stage = stage
+        self.seed = seed
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if len(trainer.optimizers) != 1:
+            raise RuntimeError(f"stagecredit records one optimizer per stage; this module configured {len(trainer.optimizers)}")
+        configs = getattr(trainer, "lr_scheduler_configs", [])
+        scheduler = configs[0].scheduler if configs else None
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.recorder.stage(self.stage, trainer.optimizers[0], scheduler=scheduler,
+                                                      seed=self.seed))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
