@@ -21,7 +21,9 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-def write_results(name: str, command: str, payload: dict, tables: list[Table]) -> None:
+def write_results(name: str, only: list[str] | None, payload: dict, tables: list[Table]) -> None:
+    """Write ``results/<name>.json`` and ``.md``, naming the command that re-makes them."""
+    command = f"python benchmarks/{name}.py" + "".join(f" --only {n}" for n in only or [])
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / f"{name}.json", {"command": command, "machine": machine(), **payload})
     body = [f"# {name}", "", f"Made by `{command}` on {machine()}.", ""] + [t.to_markdown() for t in tables]

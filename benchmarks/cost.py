@@ -100,8 +100,7 @@ def main() -> None:
             )
             table.print()
             tables.append(table)
-    command = "python benchmarks/cost.py" + "".join(f" --only {n}" for n in args.only or [])
-    write_results("cost", command, {"rows": rows}, tables)
+    write_results("cost", args.only, {"rows": rows}, tables)
 
 
 if __name__ == "__main__":

@@ -74,8 +74,7 @@ def main() -> None:
             )
             table.print()
             tables.append(table)
-    command = "python benchmarks/curvature_schemes.py" + "".join(f" --only {n}" for n in args.only or [])
-    write_results("curvature_schemes", command, {"rows": rows}, tables)
+    write_results("curvature_schemes", args.only, {"rows": rows}, tables)
 
 
 if __name__ == "__main__":

@@ -41,8 +41,7 @@ def main() -> None:
                 note=f"N = {len(report.truth.final_values)} evaluation examples; truth = retraining without the stage.",
             ))
             tables[-1].print()
-    command = "python benchmarks/fidelity.py" + "".join(f" --only {n}" for n in args.only or [])
-    write_results("fidelity", command, {"rows": all_rows}, tables)
+    write_results("fidelity", args.only, {"rows": all_rows}, tables)
 
 
 if __name__ == "__main__":

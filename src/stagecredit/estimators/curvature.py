@@ -56,6 +56,8 @@ class FlatParams:
 
 
 class _LossOf(torch.nn.Module):
+    """``loss_fn(model, batch)`` averaged, as a module ``functional_call`` can re-parametrise."""
+
     def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any) -> None:
         super().__init__()
         self.model = model
@@ -67,14 +69,8 @@ class _LossOf(torch.nn.Module):
         return loss.mean() if loss.ndim > 0 else loss
 
 
-class _OutputOf(torch.nn.Module):
+class _OutputOf(_LossOf):
     """Runs ``loss_fn`` once with a spy model to capture the model call's output."""
-
-    def __init__(self, model: torch.nn.Module, loss_fn: Callable, batch: Any) -> None:
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-        self.batch = batch
 
     def forward(self) -> torch.Tensor:
         outputs = []
