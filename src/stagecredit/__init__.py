@@ -11,7 +11,7 @@ from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
 from stagecredit.recording.recorder import Recorder
-from stagecredit.recording.stage import Pipeline, Stage
+from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
 from stagecredit.storage.run import Run
 from stagecredit.storage.tensor_files import RunFileError
 from stagecredit.validation.retrain import retrain_effects
@@ -25,6 +25,7 @@ __all__ = [
     "GroupMean",
     "PerExampleCorrect",
     "PerExampleLoss",
+    "PretrainedStage",
     "Recorder",
     "Pipeline",
     "Run",

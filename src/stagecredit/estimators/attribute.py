@@ -47,6 +47,7 @@ class Attribution:
     seconds: list[float]  # per stage: embedding + scoring
     embeddings: list[StageEmbedding]
     sign_convention: str = SIGN_CONVENTION
+    notes: list[str] = dataclasses.field(default_factory=list)  # what skipping some stages means
 
     def embedding(self, k: Union[int, str]) -> dict[str, torch.Tensor]:
         """``e_k`` as parameter tensors; ``k`` is a 0-based position in ``stages`` or a stage name."""
@@ -67,6 +68,7 @@ class Attribution:
             "method": self.method,
             "mode": self.mode,
             "sign_convention": self.sign_convention,
+            "notes": self.notes,
             "stages": self.stages,
             "mean_effect": self.totals().tolist(),
             "seconds": self.seconds,
@@ -120,4 +122,5 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
         seconds=seconds,
         embeddings=embeddings,
         sign_convention=sign_convention(behaviour),
+        notes=run.counterfactual_notes(),
     )

@@ -36,7 +36,8 @@ from stagecredit.recording.optimizer_state import (
     param_names_by_group,
     state_tensors,
 )
-from stagecredit.recording.training import StageResult, class_name, importable_name
+from stagecredit.recording.stage import PretrainedStage
+from stagecredit.recording.training import StageResult, class_name, external_result, importable_name
 
 
 @dataclasses.dataclass
@@ -55,10 +56,17 @@ class Recorder:
 
     ``model_fn`` (optional, importable by name) lets ``sc.Run.load(path)`` rebuild the model
     without a pipeline. ``checkpoint_every`` as in ``sc.Pipeline``.
+
+    ``pretrained="pretrain"``: the model arrives with weights trained elsewhere (e.g.
+    ``from_pretrained``). They become a first stage of that name with
+    ``Δ = θ_pretrained − θ_init``, where ``θ_init = model_fn()`` under
+    ``torch.manual_seed(pipeline_seed)`` is recorded as the initialisation
+    (``model_fn`` is then required).
     """
 
     def __init__(self, path, model: torch.nn.Module, *, model_fn: Optional[Callable[[], torch.nn.Module]] = None,
-                 checkpoint_every: int = 50, overwrite: bool = False, pipeline_seed: int = 0) -> None:
+                 checkpoint_every: int = 50, overwrite: bool = False, pipeline_seed: int = 0,
+                 pretrained: Optional[str] = None) -> None:
         from stagecredit.storage.run import RunWriter
 
         if checkpoint_every < 0:
@@ -69,10 +77,20 @@ class Recorder:
         self.checkpoint_every = checkpoint_every
         self.pipeline_seed = pipeline_seed
         self._writer = RunWriter(self.path, overwrite=overwrite)
-        self._writer.write_checkpoint(0, "init", model.state_dict())
         self._entries: list[dict[str, Any]] = []
         self._names: set[str] = set()
         self._last_class: Optional[str] = None
+        if pretrained is None:
+            self._writer.write_checkpoint(0, "init", model.state_dict())
+        else:
+            if model_fn is None:
+                raise ValueError("pretrained= needs model_fn to build the fresh initialisation θ_init it is compared with")
+            torch.manual_seed(pipeline_seed)
+            self._writer.write_checkpoint(0, "init", model_fn().state_dict())
+            stage = PretrainedStage(pretrained, None)
+            self._entries.append(self._writer.write_stage(1, stage, None, external_result(model), model.state_dict()))
+            self._names.add(pretrained)
+            self._last_class = "external"
         self._open = False
         self._records: list[dict[str, Any]] = []
         self._indices: list[list[int]] = []

@@ -46,6 +46,33 @@ class Stage:
 
 
 @dataclasses.dataclass
+class PretrainedStage:
+    """A first stage that arrives from outside: weights someone else trained (e.g. a hub checkpoint).
+
+    ``weights`` is a state dict, or a callable returning one (loaded when the
+    run is recorded). Its ``Δ = θ_pretrained − θ_init``, where ``θ_init`` is the
+    pipeline's ``model_fn()`` under ``torch.manual_seed(pipeline.seed)``, recorded
+    as the run's initialisation. Skipping it means the later stages start from
+    that fresh initialisation instead of the pretrained weights.
+    """
+
+    name: str
+    weights: Any
+    steps: int = dataclasses.field(default=0, init=False)
+    batch_size: None = dataclasses.field(default=None, init=False)
+    seed: None = dataclasses.field(default=None, init=False)
+    carry_optimizer_state: bool = dataclasses.field(default=False, init=False)
+    external: bool = dataclasses.field(default=True, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ValueError(f"stage name must be non-empty and contain no '/': {self.name!r}")
+
+    def load(self) -> dict:
+        return self.weights() if callable(self.weights) else self.weights
+
+
+@dataclasses.dataclass
 class Pipeline:
     """A model factory and the stages that train it, in order.
 
@@ -59,7 +86,7 @@ class Pipeline:
     """
 
     model_fn: Callable[[], torch.nn.Module]
-    stages: list[Stage]
+    stages: list[Any]  # Stage, or a PretrainedStage first
     seed: int = 0
     checkpoint_every: int = 50
 
@@ -71,6 +98,10 @@ class Pipeline:
             raise ValueError(f"stage names must be unique, got {names}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if any(isinstance(s, PretrainedStage) for s in self.stages[1:]):
+            raise ValueError("a PretrainedStage can only be the first stage")
+        if len(self.stages) > 1 and isinstance(self.stages[0], PretrainedStage) and self.stages[1].carry_optimizer_state:
+            raise ValueError(f"stage {self.stages[1].name!r} cannot carry optimizer state from a pretrained stage")
         if self.stages[0].carry_optimizer_state:
             raise ValueError(f"stage {names[0]!r} is the first stage: there is no optimizer state to carry")
 

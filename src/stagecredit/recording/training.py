@@ -23,7 +23,7 @@ from stagecredit.recording.optimizer_state import (
     param_names_by_group,
     state_tensors,
 )
-from stagecredit.recording.stage import Pipeline, Stage
+from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
 
 
 @dataclasses.dataclass
@@ -115,6 +115,13 @@ def train_stage(
     )
 
 
+def external_result(model: torch.nn.Module) -> StageResult:
+    """What a stage trained elsewhere contributes to the record: its end checkpoint and nothing else."""
+    return StageResult(optimizer_class="external", scheduler_class=None,
+                       param_groups=[[n for n, _ in model.named_parameters()]], steps=[], optimizer_state={},
+                       seconds=0.0)
+
+
 def importable_name(fn: Callable) -> Optional[str]:
     """``"module:qualname"`` when ``fn`` can be imported back by that name, else None."""
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", "")
@@ -142,6 +149,10 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
     stage_entries = []
     with progress_bar("training", total, enabled=progress) as advance:
         for k, stage in enumerate(pipeline.stages, start=1):
+            if isinstance(stage, PretrainedStage):
+                model.load_state_dict(stage.load())
+                stage_entries.append(writer.write_stage(k, stage, None, external_result(model), model.state_dict()))
+                continue
             batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
             carried = state if stage.carry_optimizer_state else None
             inner: list[dict[str, Any]] = []

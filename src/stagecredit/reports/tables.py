@@ -72,7 +72,7 @@ def validation_table(report) -> Table:
                  "estimator s", "retrain s"],
         rows=rows,
         note=f"Correlations are across the {len(report.truth.final_values)} behaviour values. {report.sign_convention} "
-             "Seconds are wall-clock on this machine.",
+             + "".join(f"{n} " for n in report.truth.notes) + "Seconds are wall-clock on this machine.",
     )
 
 
@@ -93,5 +93,5 @@ def effects_table(att, title: str | None = None, unit: str = "") -> Table:
         title=title or f"Mean stage effect on {att.behaviour} ({att.method}, {att.mode})",
         columns=["stage", f"mean τ̂ {unit}".strip(), "verdict"],
         rows=rows,
-        note=att.sign_convention,
+        note=" ".join([att.sign_convention, *att.notes]),
     )

@@ -88,6 +88,7 @@ class RunWriter:
             "optimizer_state": {"path": optimizer_rel, "sha256": atomic_save_tensors(self.path / optimizer_rel, result.optimizer_state)},
             "steps_file": steps_rel,
             "inner_checkpoints": inner or [],
+            "external": bool(getattr(stage, "external", False)),
         }
 
     def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
@@ -118,6 +119,7 @@ class StageRecord:
     optimizer_class: str
     scheduler_class: Optional[str]
     param_groups: list[list[str]]
+    external: bool = False
 
     @property
     def optimizer_name(self) -> str:
@@ -174,6 +176,7 @@ class Run:
                 optimizer_class=s["optimizer_class"],
                 scheduler_class=s["scheduler_class"],
                 param_groups=s["param_groups"],
+                external=s.get("external", False),
             )
             for k, s in enumerate(self.manifest["stages"], start=1)
         ]
@@ -256,6 +259,15 @@ class Run:
                 "retraining and aa-curvature need them, 'delta' and 'aa' do not"
             )
         return torch.tensor(indices, dtype=torch.long)
+
+    def counterfactual_notes(self) -> list[str]:
+        """Plain-language meaning of skipping stages whose counterfactual is not 'train without it'."""
+        return [
+            f"Stage {s.name!r} arrived pretrained from outside: skipping it means the later stages start from a "
+            f"fresh initialisation of the model (model_fn() under torch.manual_seed({self.manifest.get('pipeline_seed', 0)}), "
+            "the run's recorded θ^(0)) instead of the pretrained weights, everything else as recorded."
+            for s in self.stage_records if s.external
+        ]
 
     # --- models --------------------------------------------------------------
     @property

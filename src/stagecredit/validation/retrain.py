@@ -25,6 +25,10 @@ def replay(run: Run, start_stage: int, initial: dict[str, torch.Tensor],
     state, state_class = carried, carried_from
     for j in range(start_stage, run.num_stages + 1):
         stage = pipeline.stages[j - 1]
+        if getattr(stage, "external", False):
+            model.load_state_dict(stage.load())
+            state, state_class = None, None
+            continue
         result = train_stage(model, stage, run.batch_indices(j), state if stage.carry_optimizer_state else None,
                              carried_from=state_class, advance=advance)
         state, state_class = result.optimizer_state, result.optimizer_class
@@ -91,4 +95,5 @@ def retrain_effects(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tenso
         seconds=seconds,
         embeddings=embeddings,
         sign_convention=sign_convention(behaviour),
+        notes=run.counterfactual_notes(),
     )
