@@ -45,6 +45,11 @@ def _bert_loss(model, batch):
     return F.cross_entropy(model(input_ids=batch[0]).logits, batch[1], reduction="none")
 
 
+def bert_eval():
+    """CLI entry point: per-example loss of the tiny BERT on held-out token sequences."""
+    return sc.PerExampleLoss(_text_data(16, 9), _bert_loss, name="toy text loss (nats)")
+
+
 def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
@@ -80,6 +85,15 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     with torch.no_grad():
         expected = behaviour(run.build_model()) - behaviour(before)
     np.testing.assert_allclose(att.effects[1], expected.double().numpy(), atol=1e-6)
+    # the CLI attributes a Trainer-recorded run like any other
+    from typer.testing import CliRunner
+
+    from stagecredit.cli.main import app
+
+    result = CliRunner().invoke(app, ["attribute", str(tmp_path / "run"), "--eval", "test_integrations:bert_eval",
+                                      "--mode", "model", "--out", str(tmp_path / "att")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "att" / "attribution.json").is_file()
 
 
 def test_lightning_fit_calls_are_recorded_as_stages(tmp_path):

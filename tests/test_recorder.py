@@ -102,3 +102,16 @@ def test_recorder_misuse_is_reported(tmp_path):
         rec.batch([0])
     with pytest.raises(RuntimeError, match="no stage was recorded"):
         rec.finish()
+
+
+def test_cli_attribute_works_on_a_recorded_loop(tmp_path):
+    from typer.testing import CliRunner
+
+    from stagecredit.cli.main import app
+
+    _hand_written_loop(three_stage_pipeline(), tmp_path / "loop")
+    result = CliRunner().invoke(app, ["attribute", str(tmp_path / "loop"), "--eval", "conftest:toy_eval",
+                                      "--method", "aa", "--out", str(tmp_path / "att")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "att" / "attribution.json").read_text())
+    assert data["stages"] == ["pretrain", "finetune", "adapt"] and len(data["effects"][0]) == 64

@@ -5,7 +5,15 @@ loss-like behaviour ``τ_k > 0`` is blame (stage k made it worse) and
 ``τ_k < 0`` is credit.
 """
 
-from stagecredit.behaviours.loss import GroupMean, PerExampleCorrect, PerExampleLoss
+from stagecredit.behaviours.loss import (
+    GroupMean,
+    PerExampleCorrect,
+    PerExampleLoss,
+    WorstGroup,
+    group_accuracy,
+    group_loss,
+    worst_group_accuracy,
+)
 from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attribute
 from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
@@ -35,7 +43,11 @@ __all__ = [
     "StageEmbedding",
     "UnsupportedOptimizerError",
     "ValidationReport",
+    "WorstGroup",
     "attribute",
+    "group_accuracy",
+    "group_loss",
     "retrain_effects",
     "validate",
+    "worst_group_accuracy",
 ]

@@ -100,3 +100,45 @@ class PerExampleCorrect:
             inputs, targets = collate(self.data, range(start, min(start + self.batch_size, self.n)))[:2]
             chunks.append((model(inputs).argmax(dim=-1) == targets).float())
         return torch.cat(chunks)
+
+
+class WorstGroup:
+    """The worst group's value of a group behaviour, ``[1]``: the minimum if higher is better, else the maximum.
+
+    E.g. ``WorstGroup(GroupMean(PerExampleCorrect(data), groups))`` is worst-group
+    accuracy. A min/max is not differentiable where groups tie: use ``mode="model"``.
+    """
+
+    def __init__(self, grouped: Callable[[torch.nn.Module], torch.Tensor]) -> None:
+        self.grouped = grouped
+        self.higher_is_better = getattr(grouped, "higher_is_better", False)
+        self.kind = getattr(grouped, "kind", "loss")
+        self.name = f"worst group of {getattr(grouped, 'name', 'behaviour')}"
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        values = self.grouped(model)
+        worst = values.min() if self.higher_is_better else values.max()
+        return worst.reshape(1)
+
+
+def group_accuracy(data: Any, groups: Sequence[int] | torch.Tensor,
+                   group_names: Optional[Sequence[str]] = None) -> GroupMean:
+    """Accuracy within each group, ``[G]`` (higher is better; use ``mode="model"``)."""
+    behaviour = GroupMean(PerExampleCorrect(data), groups, group_names)
+    behaviour.name = "accuracy per group"
+    return behaviour
+
+
+def worst_group_accuracy(data: Any, groups: Sequence[int] | torch.Tensor) -> WorstGroup:
+    """The lowest accuracy over the groups, ``[1]`` (higher is better; use ``mode="model"``)."""
+    behaviour = WorstGroup(group_accuracy(data, groups))
+    behaviour.name = "worst-group accuracy"
+    return behaviour
+
+
+def group_loss(data: Any, groups: Sequence[int] | torch.Tensor, loss_fn=None,
+               group_names: Optional[Sequence[str]] = None) -> GroupMean:
+    """Mean loss within each group, ``[G]`` (loss-like; differentiable, any mode)."""
+    behaviour = GroupMean(PerExampleLoss(data, loss_fn), groups, group_names)
+    behaviour.name = "mean loss per group"
+    return behaviour

@@ -1,0 +1,47 @@
+"""Ready-made group behaviours, checked against hand computations and retraining."""
+
+import numpy as np
+import pytest
+import torch
+
+import stagecredit as sc
+from conftest import toy_data
+
+
+@pytest.fixture(scope="module")
+def grouped_data():
+    X, y = toy_data(n=60, seed=11)
+    groups = torch.arange(60) % 3
+    return (X, y), groups
+
+
+def test_group_accuracy_and_worst_group_by_hand(toy_run, grouped_data):
+    data, groups = grouped_data
+    model = toy_run.build_model()
+    with torch.no_grad():
+        correct = (model(data[0]).argmax(1) == data[1]).float()
+    expected = torch.stack([correct[groups == g].mean() for g in range(3)])
+    torch.testing.assert_close(sc.group_accuracy(data, groups)(model), expected)
+    torch.testing.assert_close(sc.worst_group_accuracy(data, groups)(model), expected.min().reshape(1))
+    losses = torch.nn.functional.cross_entropy(model(data[0]), data[1], reduction="none").detach()
+    worst_loss = sc.WorstGroup(sc.group_loss(data, groups))(model)
+    torch.testing.assert_close(worst_loss, torch.stack([losses[groups == g].mean() for g in range(3)]).max().reshape(1))
+
+
+def test_worst_group_accuracy_in_model_mode_matches_retraining_on_the_last_stage(toy_run, grouped_data):
+    data, groups = grouped_data
+    behaviour = sc.worst_group_accuracy(data, groups)
+    est = sc.attribute(toy_run, behaviour, method="aa", mode="model")
+    truth = sc.retrain_effects(toy_run, behaviour, progress=False)
+    assert est.effects.shape == (3, 1)
+    np.testing.assert_allclose(est.effects[-1], truth.effects[-1], atol=1e-9)
+    # accuracy is a score: the sign convention says so
+    assert "higher is better" in est.sign_convention
+
+
+def test_group_loss_linear_mode_equals_mean_of_per_example_effects(toy_run, grouped_data):
+    data, groups = grouped_data
+    per_example = sc.attribute(toy_run, sc.PerExampleLoss(data), method="aa", mode="linear").effects
+    per_group = sc.attribute(toy_run, sc.group_loss(data, groups), method="aa", mode="linear").effects
+    expected = np.stack([per_example[:, groups.numpy() == g].mean(1) for g in range(3)], axis=1)
+    np.testing.assert_allclose(per_group, expected, rtol=1e-5, atol=1e-7)
