@@ -73,7 +73,7 @@ def test_demo_small_scale_tells_the_story(tmp_path):
     truth = np.array(saved["group_effects"]["retrain"])
     assert saved["stages"][int(np.argmax(truth[:, disagrees]))] == "adapt"
     assert truth[2, disagrees] > 0  # blame, measured by retraining
-    assert "Stage 'adapt' is to blame" in saved["headline"]
+    assert "Stage 'adapt' is to blame for the 'cue disagrees' group" in saved["headline"]
 
 
 @pytest.mark.slow
@@ -83,5 +83,5 @@ def test_demo_full_scale(tmp_path):
     out = tmp_path / "demo"
     results = run_mnist_demo(out, scale=1.0, progress=False)
     saved = _check_demo_outputs(out, results)
-    assert "Stage 'adapt' is to blame" in saved["headline"]
+    assert "Stage 'adapt' is to blame for the 'cue disagrees' group" in saved["headline"]
     assert saved["seconds"]["total"] < 300

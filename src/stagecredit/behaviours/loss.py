@@ -11,8 +11,8 @@ from stagecredit.recording.batches import collate, dataset_length
 
 
 def cross_entropy_per_example(model: torch.nn.Module, batch: Any) -> torch.Tensor:
-    inputs, targets = batch[0], batch[1]
-    return F.cross_entropy(model(inputs), targets, reduction="none")
+    """Cross-entropy per example for a batch ``(*inputs, labels)``: the model gets every tensor but the last."""
+    return F.cross_entropy(model(*batch[:-1]), batch[-1], reduction="none")
 
 
 class PerExampleLoss:
@@ -78,6 +78,7 @@ class GroupMean:
 class PerExampleCorrect:
     """1.0 where the model's top class equals the label, else 0.0, ``[N]`` (higher is better).
 
+    Batches are ``(*inputs, labels)``: the model gets every tensor but the last.
     Not differentiable: use it with ``mode="model"`` (or retraining). Its mean is accuracy.
     """
 
@@ -97,8 +98,8 @@ class PerExampleCorrect:
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
         chunks = []
         for start in range(0, self.n, self.batch_size):
-            inputs, targets = collate(self.data, range(start, min(start + self.batch_size, self.n)))[:2]
-            chunks.append((model(inputs).argmax(dim=-1) == targets).float())
+            batch = collate(self.data, range(start, min(start + self.batch_size, self.n)))
+            chunks.append((model(*batch[:-1]).argmax(dim=-1) == batch[-1]).float())
         return torch.cat(chunks)
 
 

@@ -1,4 +1,4 @@
-"""``stagecredit demo``: train the MNIST pipeline, attribute the test loss per group, validate, report."""
+"""The demos' shared story: train a pipeline, attribute each group's test loss to the stages, validate, report."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 
 import stagecredit as sc
-from stagecredit.demos import mnist
 from stagecredit.reports.html import write_report
 from stagecredit.reports.plots import group_effects_plot, scatter_plot
 from stagecredit.reports.tables import Table, validation_table, verdict
@@ -27,42 +26,42 @@ def short_label(label: str) -> str:
     return f"τ̂ {method.replace('aa-curvature', 'aa-curv')} {'lin' if mode == 'linear' else 'mdl'}"
 
 
-def headline(stages, groups, truth_groups, estimates: dict[str, np.ndarray]) -> str:
-    g = groups.index("cue disagrees")
+def headline(stages, groups, focus: str, truth_groups, estimates: dict[str, np.ndarray]) -> str:
+    g = groups.index(focus)
     blamed = int(np.argmax(truth_groups[:, g]))
     value = truth_groups[blamed, g]
     agree = [label for label, est in estimates.items() if int(np.argmax(est[:, g])) == blamed]
     return (
-        f"Stage '{stages[blamed]}' is to blame for the cue-disagrees group: removing it and retraining changes that "
+        f"Stage '{stages[blamed]}' is to blame for the '{focus}' group: removing it and retraining changes that "
         f"group's mean test loss by {-value:+.3f} {UNIT}, i.e. it made the loss {'worse' if value > 0 else 'better'} "
         f"by {abs(value):.3f} {UNIT}. Estimators that single out the same stage without retraining: "
         f"{', '.join(agree) if agree else 'none'}."
     )
 
 
-def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, console=None) -> dict:
+def run_group_demo(out_dir: Path, *, title: str, pipe, test_data, loss_fn, groups: np.ndarray,
+                   group_names: list[str], focus: str, progress: bool = True, console=None,
+                   started: float | None = None, curvature=None) -> dict:
+    """Record ``pipe``, attribute the test loss of every group to its stages, validate by retraining, report."""
     from rich.console import Console
 
     console = console or Console()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-
-    data = mnist.make_data()
-    pipe = mnist.build_pipeline(data, scale=scale)
-    console.print(f"[bold]stagecredit demo[/]: MNIST, stages {[s.name for s in pipe.stages]}, "
+    started = started if started is not None else time.perf_counter()
+    console.print(f"[bold]stagecredit demo[/]: {title}, stages {[s.name for s in pipe.stages]}, "
                   f"{sum(s.steps for s in pipe.stages)} training steps; output → {out_dir}")
     run = pipe.run(out_dir / "run", progress=progress, overwrite=True)
     train_seconds = time.perf_counter() - started
 
-    loss = sc.PerExampleLoss(data.test, mnist.cross_entropy, name=f"MNIST test loss per example ({UNIT})")
-    report = sc.validate(run, loss, methods=["delta", "aa", "aa-curvature"], progress=progress)
-    correct = sc.PerExampleCorrect(data.test, name="MNIST test correctness per example")
+    loss = sc.PerExampleLoss(test_data, loss_fn, name=f"test loss per example ({UNIT})")
+    report = sc.validate(run, loss, methods=["delta", "aa", "aa-curvature"], curvature=curvature, progress=progress)
+    correct = sc.PerExampleCorrect(test_data, name="test correctness per example")
     acc_truth = sc.retrain_effects(run, correct, progress=progress)
-    acc_est = sc.attribute(run, correct, method="aa-curvature", mode="model", progress=progress)
+    acc_est = sc.attribute(run, correct, method="aa-curvature", mode="model", curvature=curvature, progress=progress)
 
-    groups = list(mnist.GROUPS)
-    g = data.test_groups.numpy()
+    g = np.asarray(groups)
+    groups = list(group_names)
     truth_groups = group_means(report.truth.effects, g, len(groups))
     estimates = {f"{a.method}/{a.mode}": group_means(a.effects, g, len(groups)) for a in report.attributions}
 
@@ -98,17 +97,19 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
                               {"retrain (truth)": truth_groups, **estimates}, UNIT)
     scatter = scatter_plot(out_dir / "estimate_vs_retrain.png", report.truth,
                            [a for a in report.attributions if a.method in ("aa", "aa-curvature")], UNIT)
-    story = headline(run.stages, groups, truth_groups, estimates)
+    story = headline(run.stages, groups, focus, truth_groups, estimates)
     total_seconds = time.perf_counter() - started
     timing = (f"Timing on this machine: training {train_seconds:.1f} s; retraining without each stage "
               f"{sum(report.truth.seconds):.1f} s; estimators " +
               ", ".join(f"{a.method}/{a.mode} {sum(a.seconds):.3f} s" for a in report.attributions) +
               f"; whole demo {total_seconds:.1f} s.")
-    sections = [story, effects, bars, accuracy, validation, scatter, timing]
-    md, page = write_report(out_dir, "stagecredit — MNIST demo: who is to blame for the shortcut?", sections)
+    sections = [story, *report.truth.notes, effects, bars, accuracy, validation, scatter, timing]
+    md, page = write_report(out_dir, f"stagecredit — {title}: who is to blame for the shortcut?", sections)
 
     results = {
+        "title": title,
         "behaviour": report.behaviour,
+        "notes": report.truth.notes,
         "unit": UNIT,
         "sign_convention": report.sign_convention,
         "stages": run.stages,
@@ -129,8 +130,21 @@ def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, 
 
     console.print()
     console.print(f"[bold yellow]{story}[/]")
+    for note in report.truth.notes:
+        console.print(note)
     for table in (effects, accuracy, validation):
         table.print(console)
     console.print(timing)
     console.print(f"Wrote {out_dir / 'results.json'}, {md}, {page}, {bars.name}, {scatter.name}")
     return results
+
+
+def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, console=None) -> dict:
+    """MNIST: pretrain → finetune → an adapt stage whose images carry a label-revealing patch."""
+    from stagecredit.demos import mnist
+
+    started = time.perf_counter()
+    data = mnist.make_data()
+    return run_group_demo(out_dir, title="MNIST", pipe=mnist.build_pipeline(data, scale=scale), test_data=data.test,
+                          loss_fn=mnist.cross_entropy, groups=data.test_groups.numpy(), group_names=list(mnist.GROUPS),
+                          focus="cue disagrees", progress=progress, console=console, started=started)
