@@ -55,7 +55,8 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     pytest.importorskip("accelerate")
     from stagecredit.integrations.hf import StageCreditCallback
 
-    model = tiny_bert()
+    tiny_bert().save_pretrained(tmp_path / "hub")  # a local 'hub' checkpoint: nothing is downloaded
+    model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hub")
     rec = sc.Recorder(tmp_path / "run", model, model_fn=tiny_bert, checkpoint_every=0)
     for stage, lr, seed in (("pretrain", 5e-3, 1), ("finetune", 1e-3, 2)):
         args = transformers.TrainingArguments(
