@@ -16,13 +16,12 @@ need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
 from transformers import TrainerCallback
 
-from stagecredit.recording.recorder import Recorder
+from stagecredit.recording.recorder import Recorder, StageScope
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -42,19 +41,12 @@ class StageCreditCallback(TrainerCallback):
     """Records the ``trainer.train()`` call it is attached to as stage ``stage`` of ``recorder``'s run."""
 
     def __init__(self, recorder: Recorder, stage: str, *, seed: Optional[int] = None) -> None:
-        self.recorder = recorder
-        self.stage = stage
-        self.seed = seed
-        self._stack: Optional[contextlib.ExitStack] = None
+        self.scope = StageScope(recorder, stage, seed)
 
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if optimizer is None:
             raise RuntimeError("the Trainer created no optimizer before training began; stagecredit cannot record it")
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.recorder.stage(self.stage, unwrap_optimizer(optimizer),
-                                                      scheduler=unwrap_scheduler(lr_scheduler), seed=self.seed))
+        self.scope.open(unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
+        self.scope.close()

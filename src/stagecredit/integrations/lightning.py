@@ -15,7 +15,6 @@ through ``sc.Pipeline`` or ``rec.batch``.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 try:
@@ -23,28 +22,21 @@ try:
 except ImportError:  # pragma: no cover - the standalone package name
     from pytorch_lightning.callbacks import Callback
 
-from stagecredit.recording.recorder import Recorder
+from stagecredit.recording.recorder import Recorder, StageScope
 
 
 class StageCreditCallback(Callback):
     """Records the ``trainer.fit()`` it is attached to as stage ``stage`` of ``recorder``'s run."""
 
     def __init__(self, recorder: Recorder, stage: str, *, seed: Optional[int] = None) -> None:
-        self.recorder = recorder
-        self.stage = stage
-        self.seed = seed
-        self._stack: Optional[contextlib.ExitStack] = None
+        self.scope = StageScope(recorder, stage, seed)
 
     def on_train_start(self, trainer, pl_module) -> None:
         if len(trainer.optimizers) != 1:
             raise RuntimeError(f"stagecredit records one optimizer per stage; this module configured {len(trainer.optimizers)}")
         configs = getattr(trainer, "lr_scheduler_configs", [])
         scheduler = configs[0].scheduler if configs else None
-        self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.recorder.stage(self.stage, trainer.optimizers[0], scheduler=scheduler,
-                                                      seed=self.seed))
+        self.scope.open(trainer.optimizers[0], scheduler)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self._stack is not None:
-            stack, self._stack = self._stack, None
-            stack.close()
+        self.scope.close()

@@ -199,3 +199,20 @@ class Recorder:
         self._writer.finish(seeded, self._entries, importable_name(self.model_fn) if self.model_fn else None)
         self._finished = True
         return Run.load(self.path, pipeline=pipeline)
+
+
+class StageScope:
+    """A recorder stage opened by one trainer callback and closed by another (HF, Lightning)."""
+
+    def __init__(self, recorder: Recorder, name: str, seed: Optional[int] = None) -> None:
+        self.recorder, self.name, self.seed = recorder, name, seed
+        self._stack: Optional[contextlib.ExitStack] = None
+
+    def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+        self._stack = contextlib.ExitStack()
+        self._stack.enter_context(self.recorder.stage(self.name, optimizer, scheduler=scheduler, seed=self.seed))
+
+    def close(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            stack.close()
