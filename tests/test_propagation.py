@@ -211,8 +211,8 @@ def test_adamw_stage_with_carried_exp_avg_matches_two_real_runs(cfg, lrs, seed):
     torch.testing.assert_close(precond, 1 / (a + 1e-8), rtol=1e-12, atol=0)
     brute = final_b - final_a
     if cfg["beta1"] >= 0.1 and sum(lrs) >= 0.05:
-        # the carried δexp_avg visibly moves θ beyond the decoupled decay, so the check is informative
-        assert (brute - math.prod(1 - lr * cfg["weight_decay"] for lr in lrs) * delta).abs().max() > 1e-4
+        # the carried δexp_avg visibly moves θ beyond the decoupled decay (far above the 1e-10 tolerance below)
+        assert (brute - math.prod(1 - lr * cfg["weight_decay"] for lr in lrs) * delta).abs().max() > 1e-6
     _assert_propagation_exact(records, ADAM, delta, d_m, brute, fresh=False, precond=precond)
     _, d_m_out = propagate_through_stage(delta, d_m, records, 0, ADAM, fresh=False, precond=precond)
     real = opt_b.state[model_b.theta]["exp_avg"] - opt_a.state[model_a.theta]["exp_avg"]
