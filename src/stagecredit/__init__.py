@@ -18,12 +18,13 @@ from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attri
 from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+from stagecredit.estimators.sources import attribute_sources
 from stagecredit.recording.recorder import Recorder
 from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
 from stagecredit.storage.run import Run
 from stagecredit.storage.tensor_files import RunFileError
-from stagecredit.validation.retrain import retrain_effects
-from stagecredit.validation.validate import ValidationReport, validate
+from stagecredit.validation.retrain import retrain_effects, retrain_source_effects
+from stagecredit.validation.validate import ValidationReport, validate, validate_sources
 
 __version__ = "0.1.0"
 
@@ -45,9 +46,12 @@ __all__ = [
     "ValidationReport",
     "WorstGroup",
     "attribute",
+    "attribute_sources",
     "group_accuracy",
     "group_loss",
     "retrain_effects",
+    "retrain_source_effects",
     "validate",
+    "validate_sources",
     "worst_group_accuracy",
 ]

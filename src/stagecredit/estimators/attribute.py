@@ -56,7 +56,7 @@ class Attribution:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.sign_convention == SIGN_CONVENTION_SCORE
+        return "higher is better" in self.sign_convention
 
     def totals(self) -> np.ndarray:
         """Mean effect per stage over the N behaviour values, ``[K]``."""
@@ -94,14 +94,32 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     embeddings = stage_embeddings(run, method, curvature, progress=progress)
+    effects, final_values, seconds = score_embeddings(run, behaviour, embeddings, mode)
+    return Attribution(
+        stages=run.stages,
+        effects=effects,
+        method=method,
+        mode=mode,
+        behaviour=behaviour_name(behaviour),
+        final_values=final_values,
+        seconds=seconds,
+        embeddings=embeddings,
+        sign_convention=sign_convention(behaviour),
+        notes=run.counterfactual_notes(),
+    )
+
+
+def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], embeddings: list,
+                     mode: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
+    """``(effects [E, N], f(θ_T) [N], seconds per embedding)`` for embeddings ``e`` with ``θ' ≈ θ_T − e``."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     model = run.build_model()
     final = {name: p.detach() for name, p in model.named_parameters()}
     if set(final) != set(run.parameter_names):
         raise ValueError("the model built for this run does not have the recorded parameters")
     rows, seconds = [], []
-    final_values = None
-    if mode == "model":
-        final_values = behaviour_at(model, behaviour, final)
+    final_values = behaviour_at(model, behaviour, final) if mode == "model" else None
     for emb in embeddings:
         start = time.perf_counter()
         if mode == "linear":
@@ -112,15 +130,7 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
             edited = {name: final[name] - emb.vector[name] for name in final}
             rows.append(final_values - behaviour_at(model, behaviour, edited))
         seconds.append(emb.seconds + time.perf_counter() - start)
-    return Attribution(
-        stages=run.stages,
-        effects=torch.stack(rows).double().numpy(),
-        method=method,
-        mode=mode,
-        behaviour=behaviour_name(behaviour),
-        final_values=final_values.double().numpy(),
-        seconds=seconds,
-        embeddings=embeddings,
-        sign_convention=sign_convention(behaviour),
-        notes=run.counterfactual_notes(),
-    )
+    if final_values is None:  # no embeddings: still report f(θ_T)
+        final_values = behaviour_at(model, behaviour, final)
+    effects = torch.stack(rows).double().numpy() if rows else np.zeros((0, len(final_values)))
+    return effects, final_values.double().numpy(), seconds

@@ -44,6 +44,7 @@ from stagecredit.estimators.optimizers import (
     STATE_KEY,
     UnsupportedOptimizerError,
     carried_state_source,
+    live_adam_preconditioner,
     stage_kind,
     stage_steps,
 )
@@ -138,52 +139,59 @@ def _stack(tangents: list[dict[str, torch.Tensor]], names, dtype) -> dict[str, t
 def curvature_embeddings(run: Run, options: CurvatureOptions = CurvatureOptions(), *,
                          progress: bool = True) -> list[StageEmbedding]:
     """All K stage embeddings with the later stages' curvature kept; one pass over the later stages."""
+    start = time.perf_counter()
+    K = run.num_stages
+    entering = {k: [initial_perturbation(run, k)] for k in range(1, K + 1)}
+    final = propagate_with_curvature(run, entering, options, progress=progress)
+    seconds = (time.perf_counter() - start) / K
+    return [StageEmbedding(record.name, k, METHOD, {n: -v for n, v in final[k][0].items()}, seconds)
+            for k, record in enumerate(run.stage_records, start=1)]
+
+
+def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict]]], options: CurvatureOptions, *,
+                             progress: bool = True) -> dict[int, list[dict[str, torch.Tensor]]]:
+    """Carry perturbations ``(δθ, δs)`` given at the end of stages through every later stage, all in one pass.
+
+    ``entering[k]``: perturbations of the state at the end of stage k. Returns
+    each one's ``δθ`` at the end of training, in the same layout (the run's dtype).
+    """
     pipeline = _require_pipeline(run)
     K = run.num_stages
     names = run.parameter_names
     dtype = run.parameters(K)[names[0]].dtype
     probe = pipeline.build_model()  # a separate module: curvature is evaluated without touching the replay
-    start = time.perf_counter()
-    active: list[int] = []
+    rows: list[tuple[int, int]] = []  # (stage, position in entering[stage]) of every tangent in flight
     d_theta: dict[str, torch.Tensor] = {}
     d_state: dict[str, torch.Tensor] = {}
     total = sum(run.stage_records[j - 1].steps for j in range(2, K + 1))
     with progress_bar(f"{METHOD} ({options.scheme})", total, enabled=progress) as advance:
         for j in range(2, K + 1):
             kind = stage_kind(run, j, METHOD)
-            entering = initial_perturbation(run, j - 1)
-            pieces_theta = [d_theta] if active else []
-            pieces_state = [d_state] if active else []
-            pieces_theta.append({n: v.unsqueeze(0).to(dtype) for n, v in entering[0].items()})
-            pieces_state.append({n: v.unsqueeze(0).to(dtype) for n, v in entering[1].items()})
+            new = entering.get(j - 1, [])
+            pieces_theta = [d_theta] if rows else []
+            pieces_state = [d_state] if rows else []
+            pieces_theta += [{n: v.unsqueeze(0).to(dtype) for n, v in p[0].items()} for p in new]
+            pieces_state += [{n: v.unsqueeze(0).to(dtype) for n, v in p[1].items()} for p in new]
+            rows += [(j - 1, i) for i in range(len(new))]
+            if not rows:
+                continue
             d_theta = {n: torch.cat([p[n] for p in pieces_theta]) for n in names}
             d_state = {n: torch.cat([p[n] for p in pieces_state]) for n in names}
-            active.append(j - 1)
             if carried_state_source(run, j) is None:
                 d_state = {n: torch.zeros_like(v) for n, v in d_state.items()}
             replay = options.scheme == "exact" or (options.scheme == "auto" and kind == ADAM)
             propagate = _exact_stage if replay else _segments_stage
             d_theta, d_state = propagate(run, j, kind, d_theta, d_state, probe, options, advance)
-    seconds = (time.perf_counter() - start) / K
-    out = []
-    for k, record in enumerate(run.stage_records, start=1):
-        if k == K:
-            vector = {n: -initial_perturbation(run, K)[0][n].to(dtype) for n in names}
-        else:
-            row = active.index(k)
-            vector = {n: -d_theta[n][row] for n in names}
-        out.append(StageEmbedding(record.name, k, METHOD, vector, seconds))
+    out: dict[int, list[dict[str, torch.Tensor]]] = {
+        k: [{} for _ in perturbations] for k, perturbations in entering.items()}
+    for row, (k, i) in enumerate(rows):
+        out[k][i] = {n: d_theta[n][row] for n in names}
+    for i, (theta, _) in enumerate(entering.get(K, [])):
+        out[K][i] = {n: v.to(dtype) for n, v in theta.items()}
     return out
 
 
 # --- the reference: per-step replay -------------------------------------------------------------
-
-
-def _adam_preconditioner_now(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, hp: dict) -> torch.Tensor:
-    state = optimizer.state[param]
-    v = state["max_exp_avg_sq"] if hp.get("amsgrad", False) else state["exp_avg_sq"]
-    t = float(state["step"])
-    return 1.0 / ((v / (1 - hp["betas"][1] ** t)).sqrt() + hp["eps"])
 
 
 def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
@@ -212,7 +220,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
                     state["theta"][n], state["buf"][n] = sgd_tangent_step(
                         state["theta"][n], state["buf"][n], hp, first=fresh[n] and s == 0, hvp=hvp)
                 else:
-                    precond = _adam_preconditioner_now(optimizer, params[n], hp)
+                    precond = live_adam_preconditioner(optimizer, params[n], hp)
                     state["theta"][n], state["buf"][n] = adam_tangent_step(
                         state["theta"][n], state["buf"][n], hp, t=steps[s]["adam_step"], precond=precond, hvp=hvp)
         advance()

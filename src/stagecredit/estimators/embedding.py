@@ -110,30 +110,42 @@ def delta_embeddings(run: Run) -> list[StageEmbedding]:
     return out
 
 
-def aa_embeddings(run: Run) -> list[StageEmbedding]:
-    """``e_k`` with every later step linearised at ``H = 0`` (DESIGN §3, estimator 2).
+def aa_suffix_maps(run: Run) -> dict[int, dict[str, StageTransition]]:
+    """Per stage k and parameter, the ``H = 0`` map from the end of stage k to the end of training (cached).
 
-    Stage maps are composed from the last stage backwards, so each later stage's
-    schedule is walked once for all K embeddings.
+    Composed from the last stage backwards, so each later stage's schedule is
+    walked once for every perturbation.
     """
+    if ("aa-suffix",) not in run._cache:
+        K = run.num_stages
+        names = run.parameter_names
+        transitions = {j: stage_transitions(run, j) for j in range(2, K + 1)}
+        suffix: dict[int, dict[str, StageTransition]] = {K: {n: StageTransition.identity() for n in names}}
+        for k in range(K - 1, 0, -1):
+            suffix[k] = {n: transitions[k + 1][n].then(suffix[k + 1][n]) for n in names}
+        run._cache[("aa-suffix",)] = suffix
+    return run._cache[("aa-suffix",)]
+
+
+def aa_propagate(run: Run, k: int, d_theta: dict[str, torch.Tensor],
+                 d_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``δθ`` at the end of training from ``(δθ, δs)`` at the end of stage k, with every later step at ``H = 0``."""
+    suffix = aa_suffix_maps(run)[k]
+    return {n: suffix[n].apply(d_theta[n], d_state[n])[0] for n in run.parameter_names}
+
+
+def aa_embeddings(run: Run) -> list[StageEmbedding]:
+    """``e_k`` with every later step linearised at ``H = 0`` (DESIGN §3, estimator 2)."""
     K = run.num_stages
-    names = run.parameter_names
     start = time.perf_counter()
-    transitions = {j: stage_transitions(run, j) for j in range(2, K + 1)}
-    # suffix[k][name]: the map from the end of stage k to the end of training.
-    suffix: dict[int, dict[str, StageTransition]] = {K: {n: StageTransition.identity() for n in names}}
-    for k in range(K - 1, 0, -1):
-        suffix[k] = {n: transitions[k + 1][n].then(suffix[k + 1][n]) for n in names}
+    aa_suffix_maps(run)
     shared_seconds = time.perf_counter() - start
 
     out = []
     for k, record in enumerate(run.stage_records, start=1):
         t0 = time.perf_counter()
-        d_theta, d_state = initial_perturbation(run, k)
-        vector = {}
-        for name in names:
-            propagated, _ = suffix[k][name].apply(d_theta[name], d_state[name])
-            vector[name] = (-propagated).to(run.parameters(k)[name].dtype)
+        propagated = aa_propagate(run, k, *initial_perturbation(run, k))
+        vector = {n: (-v).to(run.parameters(k)[n].dtype) for n, v in propagated.items()}
         out.append(StageEmbedding(record.name, k, "aa", vector, time.perf_counter() - t0 + shared_seconds / K))
     return out
 

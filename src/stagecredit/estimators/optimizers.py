@@ -86,3 +86,11 @@ def adam_preconditioner(run: Run, k: int, name: str, group_hp: dict) -> torch.Te
     beta2 = group_hp["betas"][1]
     v_hat = state[key].to(torch.float64) / (1 - beta2**t)
     return 1.0 / (v_hat.sqrt() + group_hp["eps"])
+
+
+def live_adam_preconditioner(optimizer: torch.optim.Optimizer, param: torch.nn.Parameter, hp: dict) -> torch.Tensor:
+    """``1 / (√v̂ + ε)`` from a live Adam/AdamW optimizer's state for ``param`` (after its latest step)."""
+    state = optimizer.state[param]
+    v = state["max_exp_avg_sq"] if hp.get("amsgrad", False) else state["exp_avg_sq"]
+    t = float(state["step"])
+    return 1.0 / ((v / (1 - hp["betas"][1] ** t)).sqrt() + hp["eps"])

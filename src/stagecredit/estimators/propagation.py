@@ -45,12 +45,19 @@ def sgd_tangent_step(
     *,
     first: bool,
     hvp: Optional[HVP] = None,
+    forcing: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One linearised ``torch.optim.SGD`` step applied to a tangent ``(δθ, δbuffer)``."""
+    """One linearised ``torch.optim.SGD`` step applied to a tangent ``(δθ, δbuffer)``.
+
+    ``forcing``: a change of the minibatch gradient that does not come from
+    ``δθ`` (e.g. ``−g_j`` when the examples of source j are removed from the step).
+    """
     lr, mu, damp, lam = hp["lr"], hp.get("momentum", 0.0), hp.get("dampening", 0.0), hp.get("weight_decay", 0.0)
     dg = lam * dtheta
     if hvp is not None:
         dg = dg + hvp(dtheta)
+    if forcing is not None:
+        dg = dg + forcing
     if mu != 0:
         dbuf = dg if first else mu * dbuf + (1 - damp) * dg
         direction = dg + mu * dbuf if hp.get("nesterov", False) else dbuf
@@ -67,12 +74,15 @@ def adam_tangent_step(
     t: int,
     precond: Coefficient,
     hvp: Optional[HVP] = None,
+    forcing: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One linearised ``torch.optim.Adam``/``AdamW`` step applied to ``(δθ, δexp_avg)``."""
+    """One linearised ``torch.optim.Adam``/``AdamW`` step applied to ``(δθ, δexp_avg)``; ``forcing`` as for SGD."""
     lr, lam = hp["lr"], hp.get("weight_decay", 0.0)
     beta1 = hp["betas"][0]
     decoupled = hp.get("decoupled_weight_decay", False)
     dg = hvp(dtheta) if hvp is not None else 0.0 * dtheta
+    if forcing is not None:
+        dg = dg + forcing
     if decoupled:
         dtheta = dtheta * (1 - lr * lam)
     elif lam != 0:

@@ -7,6 +7,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
+from stagecredit.recording.sources import DataSources
+
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
 SchedulerFactory = Callable[[torch.optim.Optimizer], Any]
@@ -19,6 +21,14 @@ class Stage:
     ``data`` is a ``torch.utils.data.Dataset`` or a tuple of tensors sharing the
     first dimension (e.g. ``(X, y)``). ``loss_fn(model, batch)`` returns the
     scalar training loss (a per-example vector is averaged).
+
+    ``data`` may also be a mixture of named sources, ``{"web": ds1, "curated": ds2}``.
+    Minibatches are then drawn from their union, ``loss_fn`` must return one
+    loss per example, and a step's loss is ``Σ_j w_j Σ_{i∈batch∩j} ℓ_i / B``
+    with ``source_weights`` ``w_j`` (default 1). Removing source j means
+    ``w_j = 0``: the same minibatches, its examples contributing nothing. The
+    run records, per source, what removing it does to the state at the end of
+    the stage, so ``sc.attribute_sources`` can score each source.
 
     ``carry_optimizer_state``: start this stage's optimizer with the
     per-parameter state (momentum buffers, Adam moments) of the optimizer that
@@ -35,10 +45,17 @@ class Stage:
     seed: int = 0
     scheduler: Optional[SchedulerFactory] = None
     carry_optimizer_state: bool = False
+    source_weights: Optional[dict[str, float]] = None
+    sources: Optional[DataSources] = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ValueError(f"stage name must be non-empty and contain no '/': {self.name!r}")
+        if isinstance(self.data, dict):
+            self.sources = DataSources.of(self.name, self.data, self.source_weights)
+            self.data = self.sources.union
+        elif self.source_weights is not None:
+            raise ValueError(f"stage {self.name!r}: source_weights needs data given as named sources (a dict)")
         if self.steps < 1:
             raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:

@@ -34,6 +34,7 @@ class StageResult:
     steps: list[dict[str, Any]]
     optimizer_state: dict[str, torch.Tensor]
     seconds: float
+    source_tangents: Optional[Any] = None  # SourceTangents of a stage with data sources, when tracked
 
 
 def class_name(obj: Any) -> str:
@@ -51,6 +52,8 @@ def train_stage(
     advance: Optional[Callable[[], None]] = None,
     before_step: Optional[Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]] = None,
     after_step: Optional[Callable[[int, Any, dict[str, torch.Tensor], torch.optim.Optimizer], None]] = None,
+    source_weights: Optional[dict[str, float]] = None,
+    track_sources: bool = False,
 ) -> StageResult:
     """Train ``model`` in place through one stage on the given minibatch indices.
 
@@ -76,6 +79,15 @@ def train_stage(
         load_state_tensors(optimizer, model, carried_state)
     scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
     groups = param_names_by_group(optimizer, model)
+    sources = getattr(stage, "sources", None)
+    if sources is None and (source_weights or track_sources):
+        raise ValueError(f"stage {stage.name!r} has no data sources to weight or track")
+    weights = sources.weights_with(source_weights) if sources is not None else None
+    tangents = None
+    if sources is not None and track_sources:
+        from stagecredit.estimators.source_tangents import SourceTangents
+
+        tangents = SourceTangents(model, optimizer, groups, sources.names, carried_state)
     model.train()
     records = []
     for step in range(stage.steps):
@@ -84,19 +96,29 @@ def train_stage(
         batch = collate(stage.data, batches[step])
         hyper = group_hyperparameters(optimizer)  # what this step really uses
         optimizer.zero_grad(set_to_none=True)
-        loss = stage.loss_fn(model, batch)
-        if loss.ndim > 0:
-            loss = loss.mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"stage {stage.name!r}, step {step}: training loss is {loss.item()}")
-        loss.backward()
+        source_grads = None
+        if sources is None:
+            loss = stage.loss_fn(model, batch)
+            if loss.ndim > 0:
+                loss = loss.mean()
+            _check_finite(stage, step, loss)
+            loss.backward()
+        else:
+            loss, source_grads = sourced_backward(model, stage, batch, sources.source_ids[batches[step]], weights,
+                                                  keep=tangents is not None)
+            _check_finite(stage, step, loss)
         params_before = (
             {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
         )
         optimizer.step()
+        if tangents is not None:
+            tangents.step(step, hyper, source_grads, weights, optimizer)
         if after_step is not None:
             after_step(step, batch, params_before, optimizer)
         record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
+        if sources is not None:
+            record["source_examples"] = torch.bincount(sources.source_ids[batches[step]],
+                                                       minlength=len(sources.names)).tolist()
         t = adam_step_count(optimizer)
         if t is not None:
             record["adam_step"] = t
@@ -112,7 +134,45 @@ def train_stage(
         steps=records,
         optimizer_state=state_tensors(optimizer, model),
         seconds=time.perf_counter() - start,
+        source_tangents=tangents,
     )
+
+
+def _check_finite(stage, step: int, loss: torch.Tensor) -> None:
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"stage {stage.name!r}, step {step}: training loss is {loss.item()}")
+
+
+def sourced_backward(model: torch.nn.Module, stage, batch: Any, ids: torch.Tensor, weights: list[float], *,
+                     keep: bool) -> tuple[torch.Tensor, Optional[dict[int, dict[str, torch.Tensor]]]]:
+    """Set ``.grad`` to ``Σ_j w_j ∇(Σ_{i∈j} ℓ_i / B)`` and return the weighted loss.
+
+    Each source's part is differentiated on its own so that ``keep`` can hand
+    the per-source gradients (unweighted, by parameter name) to source tracking;
+    replays run the same code, so they stay bit-identical to the record.
+    """
+    per_example = stage.loss_fn(model, batch)
+    if per_example.ndim != 1 or len(per_example) != len(ids):
+        raise ValueError(
+            f"stage {stage.name!r} has data sources, so its loss_fn must return one loss per example "
+            f"(shape [{len(ids)}]), got shape {tuple(per_example.shape)}"
+        )
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
+    present = [j for j, w in enumerate(weights) if bool((ids == j).any()) and (w != 0 or keep)]
+    total = per_example.new_zeros(())
+    grads: dict[int, dict[str, torch.Tensor]] = {}
+    for i, j in enumerate(present):
+        part = per_example[ids == j].sum() / len(ids)
+        pieces = torch.autograd.grad(part, params, retain_graph=i < len(present) - 1, allow_unused=True)
+        grads[j] = {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(named, pieces)}
+        total = total + weights[j] * part.detach()
+    for n, p in named:
+        p.grad = torch.zeros_like(p)
+        for j in present:
+            if weights[j] != 0:
+                p.grad += weights[j] * grads[j][n]
+    return total, (grads if keep else None)
 
 
 def external_result(model: torch.nn.Module) -> StageResult:
@@ -163,7 +223,7 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
                                                               state_tensors(optimizer, model_now)))
 
             result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance,
-                                 before_step=save_inner)
+                                 before_step=save_inner, track_sources=getattr(stage, "sources", None) is not None)
             stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner))
             state, state_class = result.optimizer_state, result.optimizer_class
     writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))

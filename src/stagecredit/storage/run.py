@@ -7,6 +7,8 @@ Layout::
     checkpoints/KK_<stage>.safetensors    θ^(k), end of stage k
     stages/KK_<stage>/optimizer.safetensors  optimizer state at the end of stage k
     stages/KK_<stage>/steps.json          per-step hyper-parameters, minibatch indices, loss
+    stages/KK_<stage>/sources.safetensors first-order effect of removing each data source of
+                                          stage k on its end state (stages with named sources)
     stages/KK_<stage>/checkpoints/step_NNNNNNN[.optimizer].safetensors
                                           parameters and optimizer state entering step N (every
                                           ``Pipeline.checkpoint_every`` steps)
@@ -89,7 +91,23 @@ class RunWriter:
             "steps_file": steps_rel,
             "inner_checkpoints": inner or [],
             "external": bool(getattr(stage, "external", False)),
+            "sources": self._sources_entry(folder, stage, result),
         }
+
+    def _sources_entry(self, folder: str, stage, result) -> Optional[dict[str, Any]]:
+        sources = getattr(stage, "sources", None)
+        if sources is None:
+            return None
+        tangents = result.source_tangents
+        entry: dict[str, Any] = {"names": sources.names, "sizes": sources.sizes, "weights": sources.weights,
+                                 "tangents": None, "untracked_reason": "not tracked while training"}
+        if tangents is not None and tangents.unsupported is None:
+            rel = f"{folder}/sources.safetensors"
+            entry["tangents"] = {"path": rel, "sha256": atomic_save_tensors(self.path / rel, tangents.tensors())}
+            entry["untracked_reason"] = None
+        elif tangents is not None:
+            entry["untracked_reason"] = tangents.unsupported
+        return entry
 
     def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
         atomic_write_json(
@@ -234,6 +252,31 @@ class Run:
             if entry["step"] == step:
                 return self._load(entry["checkpoint"]), self._load(entry["optimizer_state"])
         raise KeyError(f"stage {k} has no checkpoint entering step {step}; recorded: {self.inner_checkpoint_steps(k)}")
+
+    def sources(self, k: int) -> list[str]:
+        """Names of stage k's data sources (empty when its data was not given as named sources)."""
+        entry = self._entry(k).get("sources")
+        return list(entry["names"]) if entry else []
+
+    def source_info(self, k: int) -> Optional[dict[str, Any]]:
+        """Stage k's recorded sources: ``names``, ``sizes``, ``weights`` (None without sources)."""
+        return self._entry(k).get("sources")
+
+    def source_tangent(self, k: int, source: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(δθ, δs)`` at the end of stage k, to first order, when ``source`` is removed from stage k (float64)."""
+        entry = self._entry(k).get("sources")
+        if not entry or source not in entry["names"]:
+            raise KeyError(f"stage {self.stages[k - 1]!r} has no data source {source!r}; "
+                           f"its sources: {entry['names'] if entry else 'none (data was not given as named sources)'}")
+        if entry["tangents"] is None:
+            raise RunFileError(
+                f"stage {self.stages[k - 1]!r} recorded no source effects ({entry['untracked_reason']}); "
+                "retraining without a source (sc.retrain_source_effects) still works"
+            )
+        tensors = self._load(entry["tangents"])
+        theta = {n: tensors[f"{source}/theta/{n}"] for n in self.parameter_names}
+        state = {n: tensors[f"{source}/state/{n}"] for n in self.parameter_names}
+        return theta, state
 
     def step_log(self, k: int) -> dict[str, Any]:
         key = ("steps", k)

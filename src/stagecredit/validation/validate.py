@@ -60,30 +60,54 @@ def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
     ``curvature``: ``CurvatureOptions`` for ``"aa-curvature"``.
     """
     truth = retrain_effects(run, behaviour, progress=progress)
+    forward_seconds = _forward_seconds(run, behaviour)
+
+    attributions = [attribute(run, behaviour, method=method, mode=mode, curvature=curvature, progress=progress)
+                    for method in methods for mode in modes]
+    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions), truth, attributions,
+                            forward_seconds)
+
+
+def validate_sources(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
+                     methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
+                     curvature=None, progress: bool = True) -> ValidationReport:
+    """Like :func:`validate`, one row per ``"stage/source"``: estimates against retraining without that source."""
+    from stagecredit.estimators.sources import attribute_sources
+    from stagecredit.validation.retrain import retrain_source_effects
+
+    truth = retrain_source_effects(run, behaviour, progress=progress)
+    forward_seconds = _forward_seconds(run, behaviour)
+    attributions = [attribute_sources(run, behaviour, method=method, mode=mode, curvature=curvature,
+                                      progress=progress) for method in methods for mode in modes]
+    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions), truth, attributions,
+                            forward_seconds)
+
+
+def _forward_seconds(run: Run, behaviour) -> float:
     model = run.build_model()
     start = time.perf_counter()
     with torch.no_grad():
         behaviour(model)
-    forward_seconds = time.perf_counter() - start
+    return time.perf_counter() - start
 
-    rows, attributions = [], []
-    for method in methods:
-        for mode in modes:
-            att = attribute(run, behaviour, method=method, mode=mode, curvature=curvature, progress=progress)
-            attributions.append(att)
-            for k, stage in enumerate(run.stages):
-                est, tru = att.effects[k], truth.effects[k]
-                rows.append({
-                    "stage": stage,
-                    "method": method,
-                    "mode": mode,
-                    "pearson": pearson(est, tru),
-                    "spearman": spearman(est, tru),
-                    "sign_agreement": sign_agreement(est, tru),
-                    "relative_error": relative_error(est, tru),
-                    "mean_estimate": float(est.mean()),
-                    "mean_retrained": float(tru.mean()),
-                    "seconds": att.seconds[k],
-                    "retrain_seconds": truth.seconds[k],
-                })
-    return ValidationReport(behaviour_name(behaviour), rows, truth, attributions, forward_seconds)
+
+def comparison_rows(truth: Attribution, attributions: Sequence[Attribution]) -> list[dict]:
+    """One row per estimate row (stage, or stage/source) × attribution: agreement with ``truth`` and cost."""
+    rows = []
+    for att in attributions:
+        for k, stage in enumerate(truth.stages):
+            est, tru = att.effects[k], truth.effects[k]
+            rows.append({
+                "stage": stage,
+                "method": att.method,
+                "mode": att.mode,
+                "pearson": pearson(est, tru),
+                "spearman": spearman(est, tru),
+                "sign_agreement": sign_agreement(est, tru),
+                "relative_error": relative_error(est, tru),
+                "mean_estimate": float(est.mean()),
+                "mean_retrained": float(tru.mean()),
+                "seconds": att.seconds[k],
+                "retrain_seconds": truth.seconds[k],
+            })
+    return rows
