@@ -94,24 +94,13 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     embeddings = stage_embeddings(run, method, curvature, progress=progress)
-    effects, final_values, seconds = score_embeddings(run, behaviour, embeddings, mode)
-    return Attribution(
-        stages=run.stages,
-        effects=effects,
-        method=method,
-        mode=mode,
-        behaviour=behaviour_name(behaviour),
-        final_values=final_values,
-        seconds=seconds,
-        embeddings=embeddings,
-        sign_convention=sign_convention(behaviour),
-        notes=run.counterfactual_notes(),
-    )
+    return score_embeddings(run, behaviour, embeddings, method, mode, sign_convention(behaviour),
+                            run.counterfactual_notes())
 
 
 def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], embeddings: list,
-                     mode: str) -> tuple[np.ndarray, np.ndarray, list[float]]:
-    """``(effects [E, N], f(θ_T) [N], seconds per embedding)`` for embeddings ``e`` with ``θ' ≈ θ_T − e``."""
+                     method: str, mode: str, convention: str, notes: list[str]) -> Attribution:
+    """The effects of embeddings ``e`` (``θ' ≈ θ_T − e``, one row each, labelled by ``e.stage``) on ``behaviour``."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     model = run.build_model()
@@ -132,5 +121,15 @@ def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tens
         seconds.append(emb.seconds + time.perf_counter() - start)
     if final_values is None:  # no embeddings: still report f(θ_T)
         final_values = behaviour_at(model, behaviour, final)
-    effects = torch.stack(rows).double().numpy() if rows else np.zeros((0, len(final_values)))
-    return effects, final_values.double().numpy(), seconds
+    return Attribution(
+        stages=[e.stage for e in embeddings],
+        effects=torch.stack(rows).double().numpy() if rows else np.zeros((0, len(final_values))),
+        method=method,
+        mode=mode,
+        behaviour=behaviour_name(behaviour),
+        final_values=final_values.double().numpy(),
+        seconds=seconds,
+        embeddings=embeddings,
+        sign_convention=convention,
+        notes=notes,
+    )

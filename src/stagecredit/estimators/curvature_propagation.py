@@ -191,6 +191,56 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
     return out
 
 
+def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
+                              advance=lambda: None) -> list[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """``(δθ, δs)`` at the end of stage k for removing each of its sources, with the stage's own curvature kept.
+
+    Replays stage k (checked bit-identical to the record) and advances every
+    source's tangent with each step's curvature ``C_s δθ`` plus the removed
+    source's gradient as forcing — the per-step reference, inside the stage.
+    """
+    pipeline = _require_pipeline(run)
+    stage_kind(run, k, METHOD)
+    stage = pipeline.stages[k - 1]
+    names = run.parameter_names
+    dtype = run.parameters(k)[names[0]].dtype
+    flat = FlatParams.of(run.parameters(k), names)
+    probe = pipeline.build_model()
+
+    def curvature(batch, params_before):
+        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature)
+        return lambda theta: flat.unflatten(product(flat.flatten({n: v.to(dtype) for n, v in theta.items()})))
+
+    from stagecredit.estimators.source_tangents import SourceTangents
+
+    model = pipeline.build_model()
+    model.load_state_dict(run.checkpoint(k - 1))
+    carried = run.optimizer_state(k - 1) if carried_state_source(run, k) is not None else None
+    carried_from = run.stage_records[k - 2].optimizer_class if carried is not None else None
+    tracker = SourceTangents(model, run.sources(k), carried, curvature=curvature)
+
+    def after_step(s, batch, params_before, optimizer):
+        tracker.after_step(s, batch, params_before, optimizer)
+        advance()
+
+    train_stage(model, stage, run.batch_indices(k), carried, carried_from=carried_from,
+                source_hook=tracker.step, after_step=after_step)
+    _check_replay(run, k, model)
+    if tracker.unsupported is not None:
+        raise UnsupportedOptimizerError(f"stage {run.stages[k - 1]!r}: {tracker.unsupported}")
+    return [tracker.tangent(j) for j in range(len(tracker.source_names))]
+
+
+def _check_replay(run: Run, k: int, model: torch.nn.Module) -> None:
+    replayed = model.state_dict()
+    recorded = run.checkpoint(k)
+    if any(not torch.equal(replayed[n], recorded[n]) for n in run.parameter_names):
+        raise RuntimeError(
+            f"replaying stage {run.stages[k - 1]!r} did not reproduce its recorded checkpoint; the pipeline's data, "
+            "loss or optimizer must have changed since the run was recorded"
+        )
+
+
 # --- the reference: per-step replay -------------------------------------------------------------
 
 
@@ -226,13 +276,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         advance()
 
     train_stage(model, stage, run.batch_indices(j), carried, carried_from=carried_from, after_step=step_tangents)
-    replayed = model.state_dict()
-    recorded = run.checkpoint(j)
-    if any(not torch.equal(replayed[n], recorded[n]) for n in names):
-        raise RuntimeError(
-            f"replaying stage {record.name!r} did not reproduce its recorded checkpoint; the pipeline's data, loss "
-            "or optimizer must have changed since the run was recorded"
-        )
+    _check_replay(run, j, model)
     return state["theta"], state["buf"]
 
 
@@ -320,6 +364,23 @@ def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[i
     return [(a, min(a + length, steps)) for a in range(0, steps, length)]
 
 
+def cap_growth(tt: torch.Tensor, ts: torch.Tensor, st: torch.Tensor, ss: torch.Tensor):
+    """Scale each mode's 2×2 segment map down to spectral radius 1 where the linearisation says it grows.
+
+    With the curvature frozen over a segment, a direction sharper than the
+    optimizer's stability edge (e.g. ``η λ > 2(1 + μ)`` for heavy-ball SGD) grows
+    geometrically in the linear model, although real training at the edge of
+    stability stays bounded along it: the linearisation is invalid there, and
+    left alone it sends the estimate to 1e15 and beyond. Capping keeps such
+    a mode's phase and holds its size.
+    """
+    trace, det = tt + ss, tt * ss - ts * st
+    disc = torch.sqrt((trace * trace - 4 * det).to(torch.complex128))
+    radius = torch.maximum(((trace + disc) / 2).abs(), ((trace - disc) / 2).abs())
+    scale = torch.where(radius > 1, 1 / radius, torch.ones_like(radius))
+    return tt * scale, ts * scale, st * scale, ss * scale
+
+
 def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     pipeline = run.pipeline
     stage = pipeline.stages[j - 1]
@@ -360,7 +421,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             one, zero = torch.ones_like(ritz), torch.zeros_like(ritz)
             tt, st = propagate_through_stage(one, zero, reference, 0, kind, fresh=first, hvp_at=hvp_at)
             ts, ss = propagate_through_stage(zero, one, reference, 0, kind, fresh=first, hvp_at=hvp_at)
-            return tt, ts, st, ss
+            return cap_growth(tt, ts, st, ss)
 
         basis_u = lanczos(operator, u, options.krylov_dim)
         new_u = krylov_function_apply(*basis_u, lambda r: scalar_maps(r)[0])

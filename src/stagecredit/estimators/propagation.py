@@ -91,6 +91,50 @@ def adam_tangent_step(
     return dtheta - (lr / (1 - beta1**t)) * precond * dm, dm
 
 
+def adam_counterfactual_step(
+    dtheta: torch.Tensor,
+    cf_exp_avg: torch.Tensor,
+    cf_exp_avg_sq: torch.Tensor,
+    hp: dict[str, Any],
+    *,
+    t: int,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    cf_grad: torch.Tensor,
+    hvp: Optional[HVP] = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One Adam/AdamW step of a counterfactual run, with Adam's own map kept exactly.
+
+    ``cf_grad`` is the counterfactual run's effective gradient at the recorded
+    parameters (e.g. the step's gradient without one data source, plus coupled
+    decay); its dependence on ``δθ`` is taken to first order (``C δθ +
+    λ_coupled δθ``). The counterfactual moments ``m̃ ← β1 m̃ + (1 − β1) g̃`` and
+    ``ṽ ← β2 ṽ + (1 − β2) g̃²`` are tracked, and ``δθ`` moves by the difference
+    of the two runs' updates. Adam normalises its steps, so removing a large
+    part of the gradient changes them far less than a frozen second moment
+    (or its first-order change) predicts; its derivative at ``g̃ = g`` is the
+    linearisation with the second moment's change included.
+    ``exp_avg``/``exp_avg_sq``: the recorded run's moments after this step,
+    computed the same way (so that equal gradients give exactly equal updates).
+    """
+    lr, lam = hp["lr"], hp.get("weight_decay", 0.0)
+    beta1, beta2 = hp["betas"]
+    decoupled = hp.get("decoupled_weight_decay", False)
+    dg = hvp(dtheta) if hvp is not None else 0.0 * dtheta
+    if decoupled:
+        dtheta = dtheta * (1 - lr * lam)
+    elif lam != 0:
+        dg = dg + lam * dtheta
+    g = cf_grad + dg
+    cf_exp_avg = beta1 * cf_exp_avg + (1 - beta1) * g
+    cf_exp_avg_sq = beta2 * cf_exp_avg_sq + (1 - beta2) * g * g
+    bias1, bias2 = 1 - beta1**t, 1 - beta2**t
+    eps = hp["eps"]
+    factual = exp_avg / ((exp_avg_sq / bias2).sqrt() + eps)
+    counterfactual = cf_exp_avg / ((cf_exp_avg_sq / bias2).sqrt() + eps)
+    return dtheta - (lr / bias1) * (counterfactual - factual), cf_exp_avg, cf_exp_avg_sq
+
+
 def propagate_through_stage(
     dtheta: Coefficient,
     dstate: Coefficient,

@@ -15,8 +15,13 @@ It is accumulated forward while the stage trains, from ``(0, 0)``, because the
 forcing needs every step's per-source gradient and storing those would cost a
 parameter-sized vector per step. At the end of the stage, ``(δθ, δs)`` per
 source is recorded; the estimators then carry it through the later stages
-exactly like a stage perturbation. The first-order change of Adam's second
-moment is neglected, as it is for stage perturbations.
+exactly like a stage perturbation. For Adam/AdamW, each source's
+counterfactual moments are tracked instead of linearising Adam's map (see
+:func:`~stagecredit.estimators.propagation.adam_counterfactual_step`; the
+step's gradient is at hand here, unlike for stage perturbations): Adam
+normalises its steps, so removing part of the gradient changes them much less
+than a frozen second moment predicts. Only the first-moment part of the end
+state is carried into a next stage.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ from typing import Optional
 import torch
 
 from stagecredit.estimators.optimizers import STATE_KEY, SUPPORTED, live_adam_preconditioner
-from stagecredit.estimators.propagation import SGD, adam_tangent_step, sgd_tangent_step
+from stagecredit.estimators.propagation import (
+    SGD,
+    adam_tangent_step,
+    adam_counterfactual_step,
+    sgd_tangent_step,
+)
+from stagecredit.recording.optimizer_state import param_names_by_group
 
 
 def _class_name(obj) -> str:
@@ -34,53 +45,129 @@ def _class_name(obj) -> str:
 
 
 class SourceTangents:
-    """Per source of one stage, ``(δθ, δs)``: the first-order change of the state when that source is removed."""
+    """Per source of one stage, ``(δθ, δs)``: the first-order change of the state when that source is removed.
 
-    def __init__(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, groups: list[list[str]],
-                 source_names: list[str], carried_state: Optional[dict[str, torch.Tensor]]) -> None:
+    Tangents of all S sources are stacked (``[S, *shape]`` per parameter, float64)
+    and advanced together. ``step`` is the ``source_hook`` of
+    :func:`~stagecredit.recording.training.train_stage`. With ``curvature`` (a
+    callable ``(batch, params_before) -> product`` on flattened tangents), each
+    step keeps its curvature term and the update runs in ``after_step`` instead,
+    where the step's batch and starting parameters are known.
+    """
+
+    def __init__(self, model: torch.nn.Module, source_names: list[str],
+                 carried_state: Optional[dict[str, torch.Tensor]], curvature=None) -> None:
+        self.model = model
+        self.source_names = list(source_names)
+        self.carried_state = carried_state
+        self.curvature = curvature
+        self.unsupported: Optional[str] = None
+        self._pending: Optional[tuple] = None
+        # parameters entering the next step (Adam with coupled L2 needs them for the effective gradient)
+        self.entering = {n: p.detach().to(torch.float64).clone() for n, p in model.named_parameters()}
+
+    def _start(self, optimizer: torch.optim.Optimizer) -> None:
+        """Set up from the stage's optimizer, at its first step."""
+        groups = param_names_by_group(optimizer, self.model)
         optimizer_class = _class_name(optimizer)
         self.kind = SUPPORTED.get(optimizer_class)
-        self.unsupported: Optional[str] = None
         if self.kind is None:
             self.unsupported = f"{optimizer_class} has no linearised update here (supported: SGD, Adam, AdamW)"
         elif any(g.get("maximize", False) for g in optimizer.param_groups):
             self.unsupported = "maximize=True is not modelled"
         self.decoupled = optimizer_class == "torch.optim.adamw.AdamW"
         self.groups = groups
-        self.source_names = list(source_names)
-        self.params = dict(model.named_parameters())
-        names = [n for g in groups for n in g]
+        self.params = dict(self.model.named_parameters())
+        self.names = [n for g in groups for n in g]
         key = STATE_KEY.get(self.kind, "")
-        self.fresh = {n: not carried_state or f"{n}/{key}" not in carried_state for n in names}
-        self.theta = [{n: torch.zeros_like(self.params[n], dtype=torch.float64) for n in names} for _ in source_names]
-        self.state = [{n: torch.zeros_like(v) for n, v in t.items()} for t in self.theta]
+        self.fresh = {n: not self.carried_state or f"{n}/{key}" not in self.carried_state for n in self.names}
+        S = len(self.source_names)
+        self.theta = {n: self.params[n].new_zeros((S, *self.params[n].shape), dtype=torch.float64)
+                      for n in self.names}
+        self.state = {n: torch.zeros_like(v) for n, v in self.theta.items()}
+        # Adam: the moments of the recorded run and of each source's counterfactual are tracked in float64 from
+        # the per-source gradients (see adam_counterfactual_step), so that equal gradients give equal updates.
+        self.amsgrad = any(g.get("amsgrad", False) for g in optimizer.param_groups)
+        self.exp_avg = {n: self._carried(n, "exp_avg") for n in self.names}
+        self.exp_avg_sq = {n: self._carried(n, "exp_avg_sq") for n in self.names}
+        self.cf_exp_avg = {n: self.exp_avg[n].expand_as(v).clone() for n, v in self.theta.items()}
+        self.cf_exp_avg_sq = {n: self.exp_avg_sq[n].expand_as(v).clone() for n, v in self.theta.items()}
+
+    def _carried(self, name: str, key: str) -> torch.Tensor:
+        value = (self.carried_state or {}).get(f"{name}/{key}")
+        return torch.zeros_like(self.params[name], dtype=torch.float64) if value is None else value.to(torch.float64)
 
     def step(self, s: int, hyper: list[dict], grads: dict[int, dict[str, torch.Tensor]], weights: list[float],
              optimizer: torch.optim.Optimizer) -> None:
         """Advance every source's tangent through step ``s`` (``hyper``: the hyper-parameters that step used)."""
+        if s == 0:
+            self._start(optimizer)
         if self.unsupported is not None:
             return
-        for j in range(len(self.source_names)):
-            theta, state = self.theta[j], self.state[j]
-            for g, names in enumerate(self.groups):
-                hp = {**hyper[g], "decoupled_weight_decay": True} if self.decoupled else hyper[g]
-                for n in names:
+        if self.curvature is not None:
+            self._pending = (hyper, grads, weights)
+            return
+        self._advance(s, hyper, grads, weights, optimizer, None)
+
+    def after_step(self, s: int, batch, params_before: dict[str, torch.Tensor], optimizer) -> None:
+        """With curvature: the update of step ``s``, now that its batch and starting parameters are known."""
+        if self.curvature is None or self.unsupported is not None:
+            return
+        hyper, grads, weights = self._pending
+        hv = self.curvature(batch, params_before)({n: v for n, v in self.theta.items()})
+        self._advance(s, hyper, grads, weights, optimizer, hv)
+
+    def _advance(self, s, hyper, grads, weights, optimizer, hv: Optional[dict[str, torch.Tensor]]) -> None:
+        S = len(self.source_names)
+        for g, names in enumerate(self.groups):
+            hp = {**hyper[g], "decoupled_weight_decay": True} if self.decoupled else hyper[g]
+            for n in names:
+                forcing = torch.zeros_like(self.theta[n])
+                for j in range(S):
                     grad = grads.get(j, {}).get(n)
-                    forcing = None if grad is None else -weights[j] * grad.to(torch.float64)
-                    if self.kind == SGD:
-                        theta[n], state[n] = sgd_tangent_step(theta[n], state[n], hp, first=self.fresh[n] and s == 0,
-                                                              forcing=forcing)
-                    else:
-                        t = int(optimizer.state[self.params[n]]["step"])
-                        precond = live_adam_preconditioner(optimizer, self.params[n], hp).to(torch.float64)
-                        theta[n], state[n] = adam_tangent_step(theta[n], state[n], hp, t=t, precond=precond,
-                                                               forcing=forcing)
+                    if grad is not None:
+                        forcing[j] = -weights[j] * grad.to(torch.float64)
+                hvp = None if hv is None else (lambda _x, n=n: hv[n].to(torch.float64))
+                if self.kind == SGD:
+                    self.theta[n], self.state[n] = sgd_tangent_step(
+                        self.theta[n], self.state[n], hp, first=self.fresh[n] and s == 0, hvp=hvp, forcing=forcing)
+                    continue
+                t = int(optimizer.state[self.params[n]]["step"])
+                if self.amsgrad:
+                    precond = live_adam_preconditioner(optimizer, self.params[n], hp).to(torch.float64)
+                    self.theta[n], self.state[n] = adam_tangent_step(
+                        self.theta[n], self.state[n], hp, t=t, precond=precond, hvp=hvp, forcing=forcing)
+                    continue
+                self._counterfactual_adam(n, hp, t, grads, weights, hvp)
+        self.entering = {n: p.detach().to(torch.float64).clone() for n, p in self.params.items()}
+
+    def _counterfactual_adam(self, n: str, hp: dict, t: int, grads, weights, hvp) -> None:
+        beta1, beta2 = hp["betas"]
+        parts = {j: weights[j] * grads[j][n].to(torch.float64)
+                 for j in range(len(self.source_names)) if weights[j] != 0 and n in grads.get(j, {})}
+        coupled = 0.0 if self.decoupled or not hp.get("weight_decay", 0.0) else hp["weight_decay"] * self.entering[n]
+        factual = sum(parts.values(), torch.zeros_like(self.entering[n])) + coupled
+        self.exp_avg[n] = beta1 * self.exp_avg[n] + (1 - beta1) * factual
+        self.exp_avg_sq[n] = beta2 * self.exp_avg_sq[n] + (1 - beta2) * factual * factual
+        # each source's counterfactual gradient is summed from the other sources, never by subtraction,
+        # so a coordinate only the removed source touched gets exactly zero (Adam would blow up rounding)
+        cf_grad = torch.stack([sum((g for i, g in parts.items() if i != j), torch.zeros_like(factual)) + coupled
+                               for j in range(len(self.source_names))])
+        self.theta[n], self.cf_exp_avg[n], self.cf_exp_avg_sq[n] = adam_counterfactual_step(
+            self.theta[n], self.cf_exp_avg[n], self.cf_exp_avg_sq[n], hp, t=t, exp_avg=self.exp_avg[n],
+            exp_avg_sq=self.exp_avg_sq[n], cf_grad=cf_grad, hvp=hvp)
+        self.state[n] = self.cf_exp_avg[n] - self.exp_avg[n]
+
+    def tangent(self, j: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(δθ, δs)`` of source ``j`` at the end of the stage."""
+        return {n: v[j] for n, v in self.theta.items()}, {n: v[j] for n, v in self.state.items()}
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``"<source>/theta/<param>"`` and ``"<source>/state/<param>"`` tensors (float64) to record."""
         out = {}
-        for name, theta, state in zip(self.source_names, self.theta, self.state):
+        for j, name in enumerate(self.source_names):
+            theta, state = self.tangent(j)
             for n in theta:
-                out[f"{name}/theta/{n}"] = theta[n]
-                out[f"{name}/state/{n}"] = state[n]
+                out[f"{name}/theta/{n}"] = theta[n].contiguous()
+                out[f"{name}/state/{n}"] = state[n].contiguous()
         return out

@@ -4,12 +4,12 @@ The recorded end-of-stage tangent of a source (see
 :mod:`stagecredit.estimators.source_tangents`) is carried through the later
 stages by the chosen estimator, exactly like a stage perturbation:
 
-* ``delta`` — the tangent itself, no later dynamics;
-* ``aa`` — later steps at ``H = 0``;
-* ``aa-curvature`` — later steps with their curvature, all sources in one pass.
-
-The within-stage part is always the ``H = 0`` recurrence accumulated while the
-stage trained.
+* ``delta`` — the recorded tangent itself, no later dynamics;
+* ``aa`` — the recorded tangent, later steps at ``H = 0``;
+* ``aa-curvature`` — the source's own stage is replayed with each step's
+  curvature kept (the recorded ``H = 0`` tangent ignores that the remaining
+  data pull the parameters back, so it overshoots in long stages), then the
+  later stages with their curvature; all sources travel in one pass.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from stagecredit.estimators.attribute import Attribution, behaviour_name, score_embeddings
+from stagecredit.estimators.attribute import Attribution, score_embeddings
 from stagecredit.estimators.embedding import METHODS, StageEmbedding, aa_propagate
 from stagecredit.storage.run import Run
 
@@ -66,7 +66,19 @@ def source_embeddings(run: Run, method: str = "aa", curvature=None, *,
     start = time.perf_counter()
     names = run.parameter_names
     dtype = run.parameters(run.num_stages)[names[0]].dtype
-    tangents = {pair: run.source_tangent(*pair) for pair in pairs}
+    if method == "aa-curvature":
+        from stagecredit.estimators.curvature_propagation import curvature_source_tangents
+        from stagecredit.progress import progress_bar
+
+        tangents = {}
+        stages = sorted({k for k, _ in pairs})
+        total = sum(run.stage_records[k - 1].steps for k in stages)
+        with progress_bar(f"{method}: sources within their stage", total, enabled=progress) as advance:
+            for k in stages:
+                for name, tangent in zip(run.sources(k), curvature_source_tangents(run, k, options, advance=advance)):
+                    tangents[(k, name)] = tangent
+    else:
+        tangents = {pair: run.source_tangent(*pair) for pair in pairs}
     if method == "delta":
         finals = {pair: theta for pair, (theta, _) in tangents.items()}
     elif method == "aa":
@@ -104,19 +116,8 @@ def attribute_sources(run: Run, behaviour: Callable[[torch.nn.Module], torch.Ten
     Modes as in :func:`~stagecredit.attribute`.
     """
     embeddings = source_embeddings(run, method, curvature, progress=progress)
-    effects, final_values, seconds = score_embeddings(run, behaviour, embeddings, mode)
-    return Attribution(
-        stages=[e.stage for e in embeddings],
-        effects=effects,
-        method=method,
-        mode=mode,
-        behaviour=behaviour_name(behaviour),
-        final_values=final_values,
-        seconds=seconds,
-        embeddings=embeddings,
-        sign_convention=source_sign_convention(behaviour),
-        notes=source_notes(run),
-    )
+    return score_embeddings(run, behaviour, embeddings, method, mode, source_sign_convention(behaviour),
+                            source_notes(run))
 
 
 def source_notes(run: Run) -> list[str]:

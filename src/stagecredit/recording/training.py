@@ -34,7 +34,6 @@ class StageResult:
     steps: list[dict[str, Any]]
     optimizer_state: dict[str, torch.Tensor]
     seconds: float
-    source_tangents: Optional[Any] = None  # SourceTangents of a stage with data sources, when tracked
 
 
 def class_name(obj: Any) -> str:
@@ -53,7 +52,7 @@ def train_stage(
     before_step: Optional[Callable[[int, torch.nn.Module, torch.optim.Optimizer], None]] = None,
     after_step: Optional[Callable[[int, Any, dict[str, torch.Tensor], torch.optim.Optimizer], None]] = None,
     source_weights: Optional[dict[str, float]] = None,
-    track_sources: bool = False,
+    source_hook: Optional[Callable[[int, list, dict, list, torch.optim.Optimizer], None]] = None,
 ) -> StageResult:
     """Train ``model`` in place through one stage on the given minibatch indices.
 
@@ -80,14 +79,9 @@ def train_stage(
     scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
     groups = param_names_by_group(optimizer, model)
     sources = getattr(stage, "sources", None)
-    if sources is None and (source_weights or track_sources):
+    if sources is None and (source_weights or source_hook):
         raise ValueError(f"stage {stage.name!r} has no data sources to weight or track")
     weights = sources.weights_with(source_weights) if sources is not None else None
-    tangents = None
-    if sources is not None and track_sources:
-        from stagecredit.estimators.source_tangents import SourceTangents
-
-        tangents = SourceTangents(model, optimizer, groups, sources.names, carried_state)
     model.train()
     records = []
     for step in range(stage.steps):
@@ -105,14 +99,14 @@ def train_stage(
             loss.backward()
         else:
             loss, source_grads = sourced_backward(model, stage, batch, sources.source_ids[batches[step]], weights,
-                                                  keep=tangents is not None)
+                                                  keep=source_hook is not None)
             _check_finite(stage, step, loss)
         params_before = (
             {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
         )
         optimizer.step()
-        if tangents is not None:
-            tangents.step(step, hyper, source_grads, weights, optimizer)
+        if source_hook is not None:
+            source_hook(step, hyper, source_grads, weights, optimizer)
         if after_step is not None:
             after_step(step, batch, params_before, optimizer)
         record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
@@ -134,7 +128,6 @@ def train_stage(
         steps=records,
         optimizer_state=state_tensors(optimizer, model),
         seconds=time.perf_counter() - start,
-        source_tangents=tangents,
     )
 
 
@@ -222,9 +215,14 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
                     inner.append(writer.write_step_checkpoint(k, stage.name, step, model_now.state_dict(),
                                                               state_tensors(optimizer, model_now)))
 
+            tracker = None
+            if getattr(stage, "sources", None) is not None:
+                from stagecredit.estimators.source_tangents import SourceTangents
+
+                tracker = SourceTangents(model, stage.sources.names, carried)
             result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance,
-                                 before_step=save_inner, track_sources=getattr(stage, "sources", None) is not None)
-            stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner))
+                                 before_step=save_inner, source_hook=tracker.step if tracker else None)
+            stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner, tracker))
             state, state_class = result.optimizer_state, result.optimizer_class
     writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))
     return Run.load(path, pipeline=pipeline)

@@ -68,7 +68,7 @@ class RunWriter:
         }
 
     def write_stage(self, k, stage, batches: torch.Tensor, result, state_dict,
-                    inner: Optional[list[dict[str, Any]]] = None) -> dict[str, Any]:
+                    inner: Optional[list[dict[str, Any]]] = None, source_tangents=None) -> dict[str, Any]:
         folder = f"stages/{_stage_dir(k, stage.name)}"
         optimizer_rel = f"{folder}/optimizer.safetensors"
         steps_rel = f"{folder}/steps.json"
@@ -91,14 +91,13 @@ class RunWriter:
             "steps_file": steps_rel,
             "inner_checkpoints": inner or [],
             "external": bool(getattr(stage, "external", False)),
-            "sources": self._sources_entry(folder, stage, result),
+            "sources": self._sources_entry(folder, stage, source_tangents),
         }
 
-    def _sources_entry(self, folder: str, stage, result) -> Optional[dict[str, Any]]:
+    def _sources_entry(self, folder: str, stage, tangents) -> Optional[dict[str, Any]]:
         sources = getattr(stage, "sources", None)
         if sources is None:
             return None
-        tangents = result.source_tangents
         entry: dict[str, Any] = {"names": sources.names, "sizes": sources.sizes, "weights": sources.weights,
                                  "tangents": None, "untracked_reason": "not tracked while training"}
         if tangents is not None and tangents.unsupported is None:

@@ -57,7 +57,13 @@ def skipped_stage_model(run: Run, k: int, *, advance=lambda: None) -> dict[str, 
 
 
 def retrain_seconds(run: Run, k: int) -> float:
+    """Wall-clock seconds the retraining without stage k took (it is cached on the run)."""
     return run._cache[("retrained", k)][1]
+
+
+def retrain_source_seconds(run: Run, k: int, source: str, weight: float = 0.0) -> float:
+    """Wall-clock seconds the re-run of stage k with ``source`` at ``weight`` (and later stages) took."""
+    return run._cache[("retrained-source", k, source, float(weight))][1]
 
 
 def retrain_effects(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], *,
@@ -76,30 +82,39 @@ def retrain_effects(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tenso
         for k in pending:
             skipped_stage_model(run, k, advance=advance)
 
+    return _retrained_attribution(
+        run, behaviour,
+        [(record.name, k, skipped_stage_model(run, k), retrain_seconds(run, k))
+         for k, record in enumerate(run.stage_records, start=1)],
+        sign_convention(behaviour), run.counterfactual_notes())
+
+
+def _retrained_attribution(run: Run, behaviour, counterfactuals: list[tuple[str, int, dict, float]],
+                           convention: str, notes: list[str]) -> Attribution:
+    """An ``Attribution`` with ``method="retrain"`` from ``(label, stage index, state dict, seconds)`` per row."""
     final_model = run.build_model()
     final_params = dict(final_model.named_parameters())
     with torch.no_grad():
         final_values = behaviour(final_model).detach()
-    effects, seconds, embeddings = [], [], []
-    for k, record in enumerate(run.stage_records, start=1):
+    effects, embeddings = [], []
+    for label, k, state, seconds in counterfactuals:
         counterfactual = run.build_model()
-        counterfactual.load_state_dict(skipped_stage_model(run, k))
+        counterfactual.load_state_dict(state)
         with torch.no_grad():
             effects.append(final_values - behaviour(counterfactual).detach())
-        seconds.append(retrain_seconds(run, k))
         exact = {n: (final_params[n] - p).detach() for n, p in counterfactual.named_parameters()}
-        embeddings.append(StageEmbedding(record.name, k, "retrain", exact, seconds[-1]))
+        embeddings.append(StageEmbedding(label, k, "retrain", exact, seconds))
     return Attribution(
-        stages=run.stages,
+        stages=[c[0] for c in counterfactuals],
         effects=torch.stack(effects).double().numpy(),
         method="retrain",
         mode="exact",
         behaviour=behaviour_name(behaviour),
         final_values=final_values.double().numpy(),
-        seconds=seconds,
+        seconds=[c[3] for c in counterfactuals],
         embeddings=embeddings,
-        sign_convention=sign_convention(behaviour),
-        notes=run.counterfactual_notes(),
+        sign_convention=convention,
+        notes=notes,
     )
 
 
@@ -141,29 +156,8 @@ def retrain_source_effects(run: Run, behaviour: Callable[[torch.nn.Module], torc
     with progress_bar("retraining without each source", total, enabled=progress) as advance:
         for k, source in pending:
             without_source_model(run, k, source, advance=advance)
-    final_model = run.build_model()
-    final_params = dict(final_model.named_parameters())
-    with torch.no_grad():
-        final_values = behaviour(final_model).detach()
-    effects, seconds, embeddings, labels = [], [], [], []
-    for k, source in pairs:
-        counterfactual = run.build_model()
-        counterfactual.load_state_dict(without_source_model(run, k, source))
-        with torch.no_grad():
-            effects.append(final_values - behaviour(counterfactual).detach())
-        seconds.append(run._cache[("retrained-source", k, source, 0.0)][1])
-        labels.append(source_label(run.stages[k - 1], source))
-        exact = {n: (final_params[n] - p).detach() for n, p in counterfactual.named_parameters()}
-        embeddings.append(StageEmbedding(labels[-1], k, "retrain", exact, seconds[-1]))
-    return Attribution(
-        stages=labels,
-        effects=torch.stack(effects).double().numpy(),
-        method="retrain",
-        mode="exact",
-        behaviour=behaviour_name(behaviour),
-        final_values=final_values.double().numpy(),
-        seconds=seconds,
-        embeddings=embeddings,
-        sign_convention=source_sign_convention(behaviour),
-        notes=source_notes(run),
-    )
+    return _retrained_attribution(
+        run, behaviour,
+        [(source_label(run.stages[k - 1], source), k, without_source_model(run, k, source),
+          retrain_source_seconds(run, k, source)) for k, source in pairs],
+        source_sign_convention(behaviour), source_notes(run))
