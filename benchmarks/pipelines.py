@@ -88,3 +88,25 @@ PIPELINES = {
     "digits-adam-l2-sgd": digits_adam_l2_then_sgd,
     "digits-5-stage": digits_five_stages,
 }
+
+
+def digits_sourced():
+    """2 stages with two sources each: SGD {clean, relabelled: 30% wrong labels} → AdamW {clean, noisy images}."""
+    X, y = _digits()
+    g = torch.Generator().manual_seed(5)
+    wrong = torch.rand(300, generator=g) < 0.3
+    relabelled = torch.where(wrong, (y[500:800] + 1) % 10, y[500:800])
+    noisy = (X[1000:1200] + 0.5 * torch.randn(200, 64, generator=g)).clamp(0, 1)
+    return sc.Pipeline(digits_model, [
+        sc.Stage("pretrain", {"clean": (X[:500], y[:500]), "relabelled": (X[500:800], relabelled)}, ce,
+                 lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=5e-4), steps=200, batch_size=32,
+                 seed=31),
+        sc.Stage("finetune", {"clean": (X[800:1000], y[800:1000]), "noisy": (noisy, y[1000:1200])}, ce,
+                 lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.05), steps=100, batch_size=32, seed=32),
+    ]), sc.PerExampleLoss((X[1300:1797], y[1300:1797]), ce, name="digits test loss (nats)")
+
+
+SOURCED_PIPELINES = {
+    "mnist-demo": mnist_demo,
+    "digits-sourced": digits_sourced,
+}

@@ -50,11 +50,13 @@ def test_validation_report_json(toy_run, toy_behaviour, tmp_path):
 
 
 def _check_demo_outputs(out, results):
-    for name in ("results.json", "summary.md", "report.html", "effects_by_group.png", "estimate_vs_retrain.png"):
+    for name in ("results.json", "summary.md", "report.html", "effects_by_group.png", "estimate_vs_retrain.png",
+                 "repair.png", "repair/repaired.safetensors", "repair/interventions.json"):
         assert (out / name).is_file(), name
     assert (out / "effects_by_group.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and "src='http" not in html
+    assert "Repair of stage" in html and "Effect of each data source" in html
     saved = json.loads((out / "results.json").read_text())
     assert saved["headline"] == results["headline"]
     assert saved["stages"] == ["pretrain", "finetune", "adapt"]
@@ -85,3 +87,14 @@ def test_demo_full_scale(tmp_path):
     saved = _check_demo_outputs(out, results)
     assert "Stage 'adapt' is to blame for the 'cue disagrees' group" in saved["headline"]
     assert saved["seconds"]["total"] < 300
+    # the repair acceptance: the injected stage and source are blamed, the worst group rises, average holds
+    repair = saved["repair"]
+    assert (repair["stage"], repair["source"]) == ("adapt", "patched")
+    by = {i["name"]: i["test"] for i in repair["interventions"]}
+    before = by["do nothing"]
+    for name in ("targeted re-run", "stage edit", repair["recommended"]):
+        assert by[name]["worst_group"] > before["worst_group"] + 0.05, name
+        assert by[name]["accuracy"] > before["accuracy"] - 0.02, name
+    labels = saved["sources"]["labels"]
+    truth = np.array(saved["sources"]["group_effects"]["retrain"])
+    assert labels[int(np.argmax(truth[:, saved["groups"].index("cue disagrees")]))] == "adapt/patched"

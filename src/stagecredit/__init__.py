@@ -21,6 +21,7 @@ from stagecredit.estimators.optimizers import UnsupportedOptimizerError
 from stagecredit.estimators.sources import attribute_sources
 from stagecredit.recording.recorder import Recorder
 from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
+from stagecredit.repair.intervene import GroupedSplit, InterventionReport, RepairSplits, intervene
 from stagecredit.storage.run import Run
 from stagecredit.storage.tensor_files import RunFileError
 from stagecredit.validation.retrain import retrain_effects, retrain_source_effects
@@ -32,10 +33,13 @@ __all__ = [
     "Attribution",
     "CurvatureOptions",
     "GroupMean",
+    "GroupedSplit",
+    "InterventionReport",
     "PerExampleCorrect",
     "PerExampleLoss",
     "PretrainedStage",
     "Recorder",
+    "RepairSplits",
     "Pipeline",
     "Run",
     "RunFileError",
@@ -48,6 +52,7 @@ __all__ = [
     "attribute",
     "attribute_sources",
     "group_accuracy",
+    "intervene",
     "group_loss",
     "retrain_effects",
     "retrain_source_effects",

@@ -79,3 +79,15 @@ def load_behaviour(spec: str, pipeline=None):
     if not callable(obj):
         raise SpecError(f"{spec!r} must give a behaviour (model -> Tensor[N]) or a dataset, got {type(obj).__name__}")
     return obj
+
+
+def load_splits(spec: str):
+    """A ``RepairSplits`` (validation and test sets with group labels) from ``spec``."""
+    from stagecredit.repair.intervene import RepairSplits
+
+    obj = load_object(spec)
+    if _is_factory(obj):
+        obj = obj()
+    if not isinstance(obj, RepairSplits):
+        raise SpecError(f"{spec!r} must be (or return) a stagecredit.RepairSplits, got {type(obj).__name__}")
+    return obj

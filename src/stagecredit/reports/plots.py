@@ -71,3 +71,27 @@ def scatter_plot(path: Path, truth, attributions: Sequence, unit: str) -> Path:
     path = _save(fig, path)
     plt.close(fig)
     return path
+
+
+def intervention_plot(path: Path, report) -> Path:
+    """Worst-group and average test accuracy for every intervention, side by side."""
+    plt = _pyplot()
+    names = [i.name for i in report.interventions]
+    worst = [100 * i.test.worst_group for i in report.interventions]
+    average = [100 * i.test.accuracy for i in report.interventions]
+    x = np.arange(len(names))
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.6))
+    ax.bar(x - 0.2, worst, 0.4, label="worst group")
+    ax.bar(x + 0.2, average, 0.4, label="average")
+    for xi, (w, a) in enumerate(zip(worst, average)):
+        ax.text(xi - 0.2, w + 1, f"{w:.1f}", ha="center", fontsize=7)
+        ax.text(xi + 0.2, a + 1, f"{a:.1f}", ha="center", fontsize=7)
+    ax.set_xticks(x, [n.replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend(fontsize=8, loc="lower right")
+    target = f"stage '{report.stage}'" + (f", source '{report.source}'" if report.source else "")
+    ax.set_title(f"Before and after repairing {target}")
+    path = _save(fig, path)
+    plt.close(fig)
+    return path
