@@ -151,3 +151,22 @@ def test_source_estimates_rank_the_stamped_source_like_retraining(stamped_run):
     est = sc.attribute_sources(stamped_run, behaviour, method="aa-curvature")
     worst = GROUPS.index("stamp disagrees")
     assert np.argmax(truth.effects[:, worst]) == np.argmax(est.effects[:, worst]) == truth.stages.index("adapt/stamped")
+
+
+def test_intervene_without_sources_or_pipeline(toy_run, tmp_path):
+    from conftest import toy_data
+
+    X, y = toy_data(200, seed=3)
+    groups = (X[:, 3] > 0).long()
+    splits = sc.RepairSplits(sc.GroupedSplit((X[:100], y[:100]), groups[:100]),
+                             sc.GroupedSplit((X[100:], y[100:]), groups[100:]), ["low", "high"])
+    report = sc.intervene(toy_run, splits, progress=False)
+    assert report.source is None and report.blame["source_effects"] == {}
+    assert [i.name for i in report.interventions] == ["do nothing", "stage edit", "drop stage, retrain"]
+    loaded = sc.Run.load(toy_run.path)
+    with pytest.raises(RuntimeError, match="retrain=False"):
+        sc.intervene(loaded, splits, progress=False)
+    edits_only = sc.intervene(loaded, splits, retrain=False, progress=False)
+    assert [i.name for i in edits_only.interventions] == ["do nothing", "stage edit"]
+    with pytest.raises(ValueError, match="no data source"):
+        sc.intervene(toy_run, splits, stage="adapt", source="web", progress=False)

@@ -271,6 +271,9 @@ def intervene(run: Run, splits: RepairSplits, *, stage: Optional[str] = None, so
 
     if any(a <= 0 for a in alphas):
         raise ValueError(f"edit strengths α must be > 0, got {list(alphas)}")
+    if retrain and run._pipeline is None:
+        raise RuntimeError(f"the run at {run.path} was loaded without its pipeline, so its stages cannot be re-run: "
+                           "load it with sc.Run.load(path, pipeline=pipe), or pass retrain=False to try the edits only")
     blame = find_blame(run, splits, method, source_method, curvature, stage=stage, source=source, progress=progress)
     k = run.stages.index(blame["stage"]) + 1
     chosen_source = blame["source"]
@@ -299,7 +302,6 @@ def intervene(run: Run, splits: RepairSplits, *, stage: Optional[str] = None, so
              source_emb.vector, source_emb.seconds)
 
     if retrain:
-        _ = run.pipeline
         later = sum(run.stage_records[j - 1].steps for j in range(k + 1, run.num_stages + 1))
         total = later + (run.stage_records[k - 1].steps if chosen_source is not None else 0)
         with progress_bar("re-running for the interventions", total, enabled=progress) as advance:
