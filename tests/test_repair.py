@@ -170,3 +170,23 @@ def test_intervene_without_sources_or_pipeline(toy_run, tmp_path):
     assert [i.name for i in edits_only.interventions] == ["do nothing", "stage edit"]
     with pytest.raises(ValueError, match="no data source"):
         sc.intervene(toy_run, splits, stage="adapt", source="web", progress=False)
+
+
+def test_cli_attributes_and_validates_sources(stamped_run, tmp_path):
+    evaluation = f"{__file__}:stamped_test_split"
+    result = CliRunner().invoke(app, ["attribute", str(stamped_run.path), "--eval", evaluation, "--sources",
+                                      "--pipeline", f"{__file__}:stamped_pipeline", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "a" / "attribution.json").read_text())
+    assert saved["stages"] == ["adapt/plain", "adapt/stamped"] and "source j in stage k" in saved["sign_convention"]
+    result = CliRunner().invoke(app, ["validate", str(stamped_run.path), "--eval", evaluation, "--sources",
+                                      "--pipeline", f"{__file__}:stamped_pipeline", "--method", "aa",
+                                      "--out", str(tmp_path / "v"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
+    assert {r["stage"] for r in rows} == {"adapt/plain", "adapt/stamped"}
+
+
+def stamped_test_split():
+    """The stamped test split as an evaluation dataset (for the CLI test above)."""
+    return repair_splits().test.data

@@ -96,9 +96,11 @@ def attribute(
     method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
+    sources: bool = typer.Option(False, "--sources", help="Attribute to every named data source of every stage "
+                                 "instead of to the stages."),
     out: Optional[Path] = typer.Option(None, help="Write attribution.json and summary.md here (default: RUN/attribution)."),
 ) -> None:
-    """Estimate every stage's effect on a behaviour of the final model, without retraining."""
+    """Estimate every stage's (or data source's) effect on a behaviour of the final model, without retraining."""
     import stagecredit as sc
     from stagecredit.cli.loading import load_behaviour, load_pipeline
     from stagecredit.reports.html import write_report
@@ -108,7 +110,8 @@ def attribute(
     pipe = load_pipeline(pipeline) if pipeline else None
     loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    att = sc.attribute(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme))
+    estimate = sc.attribute_sources if sources else sc.attribute
+    att = estimate(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme))
     out = out or run / "attribution"
     out.mkdir(parents=True, exist_ok=True)
     table = effects_table(att)
@@ -127,10 +130,12 @@ def validate(
     methods: List[str] = typer.Option(["delta", "aa"], "--method",
                                       help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
+    sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
+                                 "(retraining its stage without it) instead of the stages."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Compare estimators with the ground truth: retraining the pipeline without each stage."""
+    """Compare estimators with the ground truth: retraining the pipeline without each stage (or data source)."""
     import stagecredit as sc
     from stagecredit.cli.loading import load_behaviour, load_pipeline
     from stagecredit.reports.html import write_report
@@ -144,8 +149,8 @@ def validate(
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    report = sc.validate(loaded, behaviour, methods=methods, curvature=sc.CurvatureOptions(scheme=scheme),
-                         progress=progress)
+    check = sc.validate_sources if sources else sc.validate
+    report = check(loaded, behaviour, methods=methods, curvature=sc.CurvatureOptions(scheme=scheme), progress=progress)
     out = out or run / "validation"
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "validation.json")

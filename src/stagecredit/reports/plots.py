@@ -63,7 +63,7 @@ def scatter_plot(path: Path, truth, attributions: Sequence, unit: str) -> Path:
         lo = float(np.min(truth.effects[k]))
         hi = float(np.max(truth.effects[k]))
         ax.plot([lo, hi], [lo, hi], color="black", linewidth=0.8, label="y = x")
-        ax.set_title(f"stage '{truth.stages[k]}'")
+        ax.set_title(f"'{truth.stages[k]}'")
         ax.set_xlabel(f"τ by retraining ({unit})")
         ax.set_ylabel(f"estimated τ̂ ({unit})" if k == 0 else "")
     axes[0][-1].legend(fontsize=7, markerscale=2)

@@ -89,9 +89,10 @@ def verdict(effect: float, higher_is_better: bool = False) -> str:
 def effects_table(att, title: str | None = None, unit: str = "") -> Table:
     totals = att.totals()
     rows = [[stage, float(totals[k]), verdict(float(totals[k]), att.higher_is_better)] for k, stage in enumerate(att.stages)]
+    level = "stage/source" if any("/" in s for s in att.stages) else "stage"  # '/' only ever joins stage and source
     return Table(
-        title=title or f"Mean stage effect on {att.behaviour} ({att.method}, {att.mode})",
-        columns=["stage", f"mean τ̂ {unit}".strip(), "verdict"],
+        title=title or f"Mean {'source' if '/' in level else 'stage'} effect on {att.behaviour} ({att.method}, {att.mode})",
+        columns=[level, f"mean τ̂ {unit}".strip(), "verdict"],
         rows=rows,
         note=" ".join([att.sign_convention, *att.notes]),
     )
