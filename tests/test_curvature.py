@@ -131,6 +131,29 @@ def test_exact_replay_equals_retraining_on_a_quadratic_model(tmp_path, curvature
     assert np.abs(aa.effects - truth.effects).max() > 1e-2
 
 
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
+])
+def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_path, optimizer):
+    """Adam's own map is tracked, not linearised: with a quadratic loss the replay is exact through Adam too."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    stages = [
+        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20, batch_size=16,
+                 seed=1),
+        sc.Stage("b", (X, Y), mse, optimizer, steps=16, batch_size=16, seed=2,
+                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
+    ]
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages).run(tmp_path / "q", progress=False)
+    behaviour = sc.PerExampleLoss((X[:20], Y[:20]), mse)
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
+    assert np.abs(truth.effects[0]).max() > 0.1
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+
+
 def test_segments_converge_to_the_exact_replay(tmp_path):
     run, behaviour = _quadratic_run(tmp_path)
     exact = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)

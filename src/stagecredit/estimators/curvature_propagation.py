@@ -24,9 +24,10 @@ Two schemes, the fidelity/cost knob (:class:`CurvatureOptions`):
   the segment, since each Ritz value follows the true damped recurrence.
 
 With segments of one step, one minibatch each and a full Krylov space, the
-segment scheme reduces to the exact replay for SGD (tested). Adam's second
-moment is frozen along the perturbation in both schemes (its first-order change
-is neglected).
+segment scheme reduces to the exact replay for SGD (tested). Through Adam
+stages the exact replay tracks each tangent's counterfactual moments (Adam's map
+is not linearised, so a quadratic loss is replayed exactly); the segments
+freeze Adam's second moment along the perturbation.
 """
 
 from __future__ import annotations
@@ -48,7 +49,14 @@ from stagecredit.estimators.optimizers import (
     stage_kind,
     stage_steps,
 )
-from stagecredit.estimators.propagation import ADAM, SGD, adam_tangent_step, propagate_through_stage, sgd_tangent_step
+from stagecredit.estimators.propagation import (
+    ADAM,
+    SGD,
+    adam_counterfactual_step,
+    adam_tangent_step,
+    propagate_through_stage,
+    sgd_tangent_step,
+)
 from stagecredit.progress import progress_bar
 from stagecredit.recording.batches import collate
 from stagecredit.recording.training import train_stage
@@ -258,6 +266,19 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     carried = run.optimizer_state(j - 1) if carried_state_source(run, j) is not None else None
     carried_from = run.stage_records[j - 2].optimizer_class if carried is not None else None
     state = {"theta": d_theta, "buf": d_state}
+    dtype = d_theta[names[0]].dtype
+    counterfactual_adam = kind == ADAM and not any(
+        g.get("amsgrad", False) for st in steps for g in st["groups"])
+    if counterfactual_adam:
+        # Adam's map is kept exact along each tangent (see adam_counterfactual_step): the recorded run's moments
+        # and each tangent's counterfactual moments are tracked in float64 from the step's real gradient.
+        def carried_tensor(n, key):
+            value = (carried or {}).get(f"{n}/{key}")
+            return torch.zeros_like(params[n], dtype=torch.float64) if value is None else value.to(torch.float64)
+
+        moments = {n: [carried_tensor(n, "exp_avg"), carried_tensor(n, "exp_avg_sq")] for n in names}
+        cf = {n: [moments[n][0] + d_state[n].to(torch.float64), moments[n][1].expand_as(d_state[n]).clone()]
+              for n in names}
 
     def step_tangents(s: int, batch: Any, params_before: dict, optimizer) -> None:
         product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature)
@@ -269,6 +290,19 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
                 if kind == SGD:
                     state["theta"][n], state["buf"][n] = sgd_tangent_step(
                         state["theta"][n], state["buf"][n], hp, first=fresh[n] and s == 0, hvp=hvp)
+                elif counterfactual_adam:
+                    beta1, beta2 = hp["betas"]
+                    grad = params[n].grad.to(torch.float64)
+                    if not hp.get("decoupled_weight_decay", False) and hp.get("weight_decay", 0.0):
+                        grad = grad + hp["weight_decay"] * params_before[n].to(torch.float64)
+                    moments[n][0] = beta1 * moments[n][0] + (1 - beta1) * grad
+                    moments[n][1] = beta2 * moments[n][1] + (1 - beta2) * grad * grad
+                    theta, cf[n][0], cf[n][1] = adam_counterfactual_step(
+                        state["theta"][n].to(torch.float64), cf[n][0], cf[n][1], hp, t=steps[s]["adam_step"],
+                        exp_avg=moments[n][0], exp_avg_sq=moments[n][1], cf_grad=grad,
+                        hvp=lambda _x, n=n: hv[n].to(torch.float64))
+                    state["theta"][n] = theta.to(dtype)
+                    state["buf"][n] = (cf[n][0] - moments[n][0]).to(dtype)
                 else:
                     precond = live_adam_preconditioner(optimizer, params[n], hp)
                     state["theta"][n], state["buf"][n] = adam_tangent_step(
