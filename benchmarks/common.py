@@ -36,28 +36,34 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
     ``validate(run, behaviour, methods=...)`` returns a ``ValidationReport`` (``sc.validate`` or ``sc.validate_sources``).
     """
     import argparse
-    import tempfile
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(pipelines), action="append")
     parser.add_argument("--methods", nargs="+", default=["delta", "aa", "aa-curvature"])
     args = parser.parse_args()
     all_rows, tables = [], []
-    with tempfile.TemporaryDirectory() as tmp:
-        for pipeline_name in args.only or list(pipelines):
-            pipe, behaviour = pipelines[pipeline_name]()
-            run = pipe.run(Path(tmp) / pipeline_name, progress=False)
-            report = validate(run, behaviour, methods=args.methods, progress=False)
-            rows = [{"pipeline": pipeline_name, **r} for r in report.rows]
-            all_rows += rows
-            tables.append(Table(
-                title=f"{pipeline_name}: {report.behaviour}",
-                columns=[row_label, "method", "mode", "Pearson r", "Spearman ρ", "sign agreement", "rel. error",
-                         "mean τ̂", "mean τ (retrain)", "estimator s", "retrain s"],
-                rows=[[r["stage"], r["method"], r["mode"], f"{r['pearson']:.3f}", f"{r['spearman']:.3f}",
-                       f"{r['sign_agreement']:.3f}", f"{r['relative_error']:.3f}", r["mean_estimate"],
-                       r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"] for r in rows],
-                note=f"N = {len(report.truth.final_values)} evaluation examples; truth = {truth_note}.",
-            ))
-            tables[-1].print()
+    for pipeline_name, run, behaviour in recorded_runs(pipelines, args.only):
+        report = validate(run, behaviour, methods=args.methods, progress=False)
+        rows = [{"pipeline": pipeline_name, **r} for r in report.rows]
+        all_rows += rows
+        tables.append(Table(
+            title=f"{pipeline_name}: {report.behaviour}",
+            columns=[row_label, "method", "mode", "Pearson r", "Spearman ρ", "sign agreement", "rel. error",
+                     "mean τ̂", "mean τ (retrain)", "estimator s", "retrain s"],
+            rows=[[r["stage"], r["method"], r["mode"], f"{r['pearson']:.3f}", f"{r['spearman']:.3f}",
+                   f"{r['sign_agreement']:.3f}", f"{r['relative_error']:.3f}", r["mean_estimate"],
+                   r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"] for r in rows],
+            note=f"N = {len(report.truth.final_values)} evaluation examples; truth = {truth_note}.",
+        ))
+        tables[-1].print()
     write_results(name, args.only, {"rows": all_rows}, tables)
+
+
+def recorded_runs(pipelines: dict, only: list[str] | None):
+    """``(name, run, behaviour)`` for every selected pipeline, each recorded into a temporary folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in only or list(pipelines):
+            pipe, behaviour = pipelines[name]()
+            yield name, pipe.run(Path(tmp) / name, progress=False), behaviour
