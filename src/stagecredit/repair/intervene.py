@@ -212,6 +212,8 @@ def find_blame(run: Run, splits: RepairSplits, method: str = "aa", source_method
                curvature=None, *, stage: Optional[str] = None, source: Optional[str] = None,
                progress: bool = True) -> dict[str, Any]:
     """Which stage (and source within it) the estimators blame for the worst validation group's loss."""
+    if stage is not None and stage not in run.stages:
+        raise ValueError(f"unknown stage {stage!r}; the run's stages are {run.stages}")
     scorer = _Scorer(run, splits)
     base = scorer.score(scorer.final, "validation")
     worst = int(np.argmin(base.per_group))
@@ -221,11 +223,10 @@ def find_blame(run: Run, splits: RepairSplits, method: str = "aa", source_method
     stage_att = attribute(run, loss, method=method, mode="linear", curvature=curvature, progress=progress)
     stage_effects = {s: float(stage_att.effects[k, worst]) for k, s in enumerate(run.stages)}
     chosen_stage = stage or max(stage_effects, key=stage_effects.get)
-    if chosen_stage not in run.stages:
-        raise ValueError(f"unknown stage {chosen_stage!r}; the run's stages are {run.stages}")
     k = run.stages.index(chosen_stage) + 1
     out: dict[str, Any] = {"worst_validation_group": splits.group_names[worst],
-                           "behaviour": f"mean validation loss of group '{splits.group_names[worst]}' (nats)",
+                           "behaviour": f"mean validation loss of group '{splits.group_names[worst]}' "
+                                        "(in the loss's own unit, e.g. nats for cross-entropy)",
                            "stage_effects": stage_effects, "stage": chosen_stage, "source": None,
                            "source_effects": {}, "stage_seconds": time.perf_counter() - started,
                            "source_seconds": 0.0}
