@@ -53,6 +53,7 @@ from stagecredit.estimators.propagation import (
     ADAM,
     SGD,
     adam_counterfactual_step,
+    adam_moments,
     adam_tangent_step,
     propagate_through_stage,
     sgd_tangent_step,
@@ -291,12 +292,10 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
                     state["theta"][n], state["buf"][n] = sgd_tangent_step(
                         state["theta"][n], state["buf"][n], hp, first=fresh[n] and s == 0, hvp=hvp)
                 elif counterfactual_adam:
-                    beta1, beta2 = hp["betas"]
                     grad = params[n].grad.to(torch.float64)
                     if not hp.get("decoupled_weight_decay", False) and hp.get("weight_decay", 0.0):
                         grad = grad + hp["weight_decay"] * params_before[n].to(torch.float64)
-                    moments[n][0] = beta1 * moments[n][0] + (1 - beta1) * grad
-                    moments[n][1] = beta2 * moments[n][1] + (1 - beta2) * grad * grad
+                    moments[n] = list(adam_moments(*moments[n], grad, hp["betas"]))
                     theta, cf[n][0], cf[n][1] = adam_counterfactual_step(
                         state["theta"][n].to(torch.float64), cf[n][0], cf[n][1], hp, t=steps[s]["adam_step"],
                         exp_avg=moments[n][0], exp_avg_sq=moments[n][1], cf_grad=grad,

@@ -91,6 +91,13 @@ def adam_tangent_step(
     return dtheta - (lr / (1 - beta1**t)) * precond * dm, dm
 
 
+def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,
+                 betas) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's moment update for one step: ``m ← β1 m + (1 − β1) g``, ``v ← β2 v + (1 − β2) g²``."""
+    beta1, beta2 = betas
+    return beta1 * exp_avg + (1 - beta1) * grad, beta2 * exp_avg_sq + (1 - beta2) * grad * grad
+
+
 def adam_counterfactual_step(
     dtheta: torch.Tensor,
     cf_exp_avg: torch.Tensor,
@@ -125,9 +132,7 @@ def adam_counterfactual_step(
         dtheta = dtheta * (1 - lr * lam)
     elif lam != 0:
         dg = dg + lam * dtheta
-    g = cf_grad + dg
-    cf_exp_avg = beta1 * cf_exp_avg + (1 - beta1) * g
-    cf_exp_avg_sq = beta2 * cf_exp_avg_sq + (1 - beta2) * g * g
+    cf_exp_avg, cf_exp_avg_sq = adam_moments(cf_exp_avg, cf_exp_avg_sq, cf_grad + dg, (beta1, beta2))
     bias1, bias2 = 1 - beta1**t, 1 - beta2**t
     eps = hp["eps"]
     factual = exp_avg / ((exp_avg_sq / bias2).sqrt() + eps)

@@ -32,9 +32,11 @@ import torch
 
 from stagecredit.estimators.optimizers import STATE_KEY, SUPPORTED, live_adam_preconditioner
 from stagecredit.estimators.propagation import (
+    ADAM,
     SGD,
-    adam_tangent_step,
     adam_counterfactual_step,
+    adam_moments,
+    adam_tangent_step,
     sgd_tangent_step,
 )
 from stagecredit.recording.optimizer_state import param_names_by_group
@@ -88,10 +90,13 @@ class SourceTangents:
         # Adam: the moments of the recorded run and of each source's counterfactual are tracked in float64 from
         # the per-source gradients (see adam_counterfactual_step), so that equal gradients give equal updates.
         self.amsgrad = any(g.get("amsgrad", False) for g in optimizer.param_groups)
-        self.exp_avg = {n: self._carried(n, "exp_avg") for n in self.names}
-        self.exp_avg_sq = {n: self._carried(n, "exp_avg_sq") for n in self.names}
-        self.cf_exp_avg = {n: self.exp_avg[n].expand_as(v).clone() for n, v in self.theta.items()}
-        self.cf_exp_avg_sq = {n: self.exp_avg_sq[n].expand_as(v).clone() for n, v in self.theta.items()}
+        self.counterfactual_adam = self.kind == ADAM and not self.amsgrad
+        self.coupled_decay = self.counterfactual_adam and not self.decoupled  # needs the parameters entering a step
+        if self.counterfactual_adam:
+            self.exp_avg = {n: self._carried(n, "exp_avg") for n in self.names}
+            self.exp_avg_sq = {n: self._carried(n, "exp_avg_sq") for n in self.names}
+            self.cf_exp_avg = {n: self.exp_avg[n].expand_as(v).clone() for n, v in self.theta.items()}
+            self.cf_exp_avg_sq = {n: self.exp_avg_sq[n].expand_as(v).clone() for n, v in self.theta.items()}
 
     def _carried(self, name: str, key: str) -> torch.Tensor:
         value = (self.carried_state or {}).get(f"{name}/{key}")
@@ -118,37 +123,40 @@ class SourceTangents:
         self._advance(s, hyper, grads, weights, optimizer, hv)
 
     def _advance(self, s, hyper, grads, weights, optimizer, hv: Optional[dict[str, torch.Tensor]]) -> None:
-        S = len(self.source_names)
         for g, names in enumerate(self.groups):
             hp = {**hyper[g], "decoupled_weight_decay": True} if self.decoupled else hyper[g]
             for n in names:
-                forcing = torch.zeros_like(self.theta[n])
-                for j in range(S):
-                    grad = grads.get(j, {}).get(n)
-                    if grad is not None:
-                        forcing[j] = -weights[j] * grad.to(torch.float64)
                 hvp = None if hv is None else (lambda _x, n=n: hv[n].to(torch.float64))
-                if self.kind == SGD:
+                t = None if self.kind == SGD else int(optimizer.state[self.params[n]]["step"])
+                if self.counterfactual_adam:
+                    self._counterfactual_adam(n, hp, t, grads, weights, hvp)
+                elif self.kind == SGD:
                     self.theta[n], self.state[n] = sgd_tangent_step(
-                        self.theta[n], self.state[n], hp, first=self.fresh[n] and s == 0, hvp=hvp, forcing=forcing)
-                    continue
-                t = int(optimizer.state[self.params[n]]["step"])
-                if self.amsgrad:
+                        self.theta[n], self.state[n], hp, first=self.fresh[n] and s == 0, hvp=hvp,
+                        forcing=self._forcing(n, grads, weights))
+                else:  # amsgrad: the preconditioner from the running maximum, frozen along the tangent
                     precond = live_adam_preconditioner(optimizer, self.params[n], hp).to(torch.float64)
                     self.theta[n], self.state[n] = adam_tangent_step(
-                        self.theta[n], self.state[n], hp, t=t, precond=precond, hvp=hvp, forcing=forcing)
-                    continue
-                self._counterfactual_adam(n, hp, t, grads, weights, hvp)
-        self.entering = {n: p.detach().to(torch.float64).clone() for n, p in self.params.items()}
+                        self.theta[n], self.state[n], hp, t=t, precond=precond, hvp=hvp,
+                        forcing=self._forcing(n, grads, weights))
+        if self.coupled_decay:
+            self.entering = {n: p.detach().to(torch.float64).clone() for n, p in self.params.items()}
+
+    def _forcing(self, n: str, grads, weights) -> torch.Tensor:
+        """``−w_j g_j`` for every source j, stacked: the change of the step's gradient when j is removed."""
+        forcing = torch.zeros_like(self.theta[n])
+        for j in range(len(self.source_names)):
+            grad = grads.get(j, {}).get(n)
+            if grad is not None:
+                forcing[j] = -weights[j] * grad.to(torch.float64)
+        return forcing
 
     def _counterfactual_adam(self, n: str, hp: dict, t: int, grads, weights, hvp) -> None:
-        beta1, beta2 = hp["betas"]
         parts = {j: weights[j] * grads[j][n].to(torch.float64)
                  for j in range(len(self.source_names)) if weights[j] != 0 and n in grads.get(j, {})}
         coupled = 0.0 if self.decoupled or not hp.get("weight_decay", 0.0) else hp["weight_decay"] * self.entering[n]
         factual = sum(parts.values(), torch.zeros_like(self.entering[n])) + coupled
-        self.exp_avg[n] = beta1 * self.exp_avg[n] + (1 - beta1) * factual
-        self.exp_avg_sq[n] = beta2 * self.exp_avg_sq[n] + (1 - beta2) * factual * factual
+        self.exp_avg[n], self.exp_avg_sq[n] = adam_moments(self.exp_avg[n], self.exp_avg_sq[n], factual, hp["betas"])
         # each source's counterfactual gradient is summed from the other sources, never by subtraction,
         # so a coordinate only the removed source touched gets exactly zero (Adam would blow up rounding)
         cf_grad = torch.stack([sum((g for i, g in parts.items() if i != j), torch.zeros_like(factual)) + coupled
