@@ -33,30 +33,42 @@ def write_results(name: str, only: list[str] | None, payload: dict, tables: list
 def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_label: str, truth_note: str) -> None:
     """Parse ``--only``/``--methods``, validate every pipeline against retraining, print and write the tables.
 
-    ``validate(run, behaviour, methods=...)`` returns a ``ValidationReport`` (``sc.validate`` or ``sc.validate_sources``).
+    ``validate(run, behaviour, methods=...)`` returns a ``ValidationReport`` (``sc.validate`` or
+    ``sc.validate_sources``); when the report carries the truth's ceilings they get a table of their own.
     """
+    from stagecredit.reports.tables import ceilings_table
+
     import argparse
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(pipelines), action="append")
     parser.add_argument("--methods", nargs="+", default=["delta", "aa", "aa-curvature"])
     args = parser.parse_args()
-    all_rows, tables = [], []
+    all_rows, tables, ceilings = [], [], {}
     for pipeline_name, run, behaviour in recorded_runs(pipelines, args.only):
         report = validate(run, behaviour, methods=args.methods, progress=False)
         rows = [{"pipeline": pipeline_name, **r} for r in report.rows]
         all_rows += rows
+        derivative = report.ceilings is not None
         tables.append(Table(
             title=f"{pipeline_name}: {report.behaviour}",
             columns=[row_label, "method", "mode", "Pearson r", "Spearman ρ", "sign agreement", "rel. error",
-                     "mean τ̂", "mean τ (retrain)", "estimator s", "retrain s"],
+                     "mean τ̂", "mean τ (retrain)", "estimator s", "retrain s"] + (["r vs ε-removal"] if derivative else []),
             rows=[[r["stage"], r["method"], r["mode"], f"{r['pearson']:.3f}", f"{r['spearman']:.3f}",
                    f"{r['sign_agreement']:.3f}", f"{r['relative_error']:.3f}", r["mean_estimate"],
-                   r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"] for r in rows],
-            note=f"N = {len(report.truth.final_values)} evaluation examples; truth = {truth_note}.",
+                   r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"]
+                  + ([f"{r['pearson_derivative']:.3f}"] if derivative else []) for r in rows],
+            note=f"N = {len(report.truth.final_values)} evaluation examples; truth = {truth_note}."
+                 + (f" r vs ε-removal: Pearson r with retraining after removing only ε = {report.ceilings.epsilon:g} "
+                    "of the stage, scaled by 1/ε (what first-order estimators approximate)." if derivative else ""),
         ))
         tables[-1].print()
-    write_results(name, args.only, {"rows": all_rows}, tables)
+        if derivative:
+            ceilings[pipeline_name] = report.ceilings.to_dict()
+            tables.append(ceilings_table(report.ceilings, f"{pipeline_name}: how well any estimate can agree with "
+                                                          "retraining"))
+            tables[-1].print()
+    write_results(name, args.only, {"rows": all_rows, **({"ceilings": ceilings} if ceilings else {})}, tables)
 
 
 def recorded_runs(pipelines: dict, only: list[str] | None):

@@ -180,11 +180,13 @@ def test_cli_attributes_and_validates_sources(stamped_run, tmp_path):
     saved = json.loads((tmp_path / "a" / "attribution.json").read_text())
     assert saved["stages"] == ["adapt/plain", "adapt/stamped"] and "source j in stage k" in saved["sign_convention"]
     result = CliRunner().invoke(app, ["validate", str(stamped_run.path), "--eval", evaluation, "--sources",
-                                      "--pipeline", f"{__file__}:stamped_pipeline", "--method", "aa",
+                                      "--pipeline", f"{__file__}:stamped_pipeline", "--method", "aa", "--ceilings",
                                       "--out", str(tmp_path / "v"), "--no-progress"])
     assert result.exit_code == 0, result.output
-    rows = json.loads((tmp_path / "v" / "validation.json").read_text())["rows"]
-    assert {r["stage"] for r in rows} == {"adapt/plain", "adapt/stamped"}
+    saved = json.loads((tmp_path / "v" / "validation.json").read_text())
+    assert {r["stage"] for r in saved["rows"]} == {"adapt/plain", "adapt/stamped"}
+    assert [c["stage"] for c in saved["ceilings"]["stages"]] == ["adapt/plain", "adapt/stamped"]
+    assert "stage/source" in (tmp_path / "v" / "summary.md").read_text()
 
 
 def stamped_test_split():

@@ -24,6 +24,7 @@ from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
 from stagecredit.repair.intervene import GroupedSplit, InterventionReport, RepairSplits, intervene
 from stagecredit.storage.run import Run
 from stagecredit.storage.tensor_files import RunFileError
+from stagecredit.validation.ceilings import TruthCeilings, truth_ceilings
 from stagecredit.validation.retrain import retrain_effects, retrain_source_effects
 from stagecredit.validation.validate import ValidationReport, validate, validate_sources
 
@@ -46,6 +47,7 @@ __all__ = [
     "SIGN_CONVENTION",
     "Stage",
     "StageEmbedding",
+    "TruthCeilings",
     "UnsupportedOptimizerError",
     "ValidationReport",
     "WorstGroup",
@@ -56,6 +58,7 @@ __all__ = [
     "group_loss",
     "retrain_effects",
     "retrain_source_effects",
+    "truth_ceilings",
     "validate",
     "validate_sources",
     "worst_group_accuracy",

@@ -132,6 +132,9 @@ def validate(
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
+    ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
+                                  "retraining truth is (two more retrainings per stage): the best agreement any "
+                                  "estimator can reach."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -140,7 +143,7 @@ def validate(
     from stagecredit.cli.loading import load_behaviour, load_pipeline
     from stagecredit.reports.html import write_report
     from stagecredit.reports.plots import scatter_plot
-    from stagecredit.reports.tables import validation_table
+    from stagecredit.reports.tables import ceilings_table, validation_table
 
     pipe = load_pipeline(pipeline)
     if not (run / "run.json").exists():
@@ -149,15 +152,21 @@ def validate(
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    check = sc.validate_sources if sources else sc.validate
-    report = check(loaded, behaviour, methods=methods, curvature=sc.CurvatureOptions(scheme=scheme), progress=progress)
+    curvature = sc.CurvatureOptions(scheme=scheme)
+    if sources:
+        report = sc.validate_sources(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
+                                     progress=progress)
+    else:
+        report = sc.validate(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
+                             progress=progress)
     out = out or run / "validation"
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "validation.json")
-    table = validation_table(report)
+    tables = [validation_table(report)] + ([ceilings_table(report.ceilings)] if report.ceilings is not None else [])
     plot = scatter_plot(out / "estimate_vs_retrain.png", report.truth, report.attributions, "behaviour units")
-    write_report(out, f"stagecredit — validation against retraining: {report.behaviour}", [table, plot])
-    table.print(console)
+    write_report(out, f"stagecredit — validation against retraining: {report.behaviour}", [*tables, plot])
+    for table in tables:
+        table.print(console)
     console.print(f"Wrote {out / 'validation.json'}, {out / 'summary.md'}, {plot}, {out / 'report.html'}")
 
 

@@ -60,24 +60,44 @@ def _unsigned(value: float) -> str:
 
 
 def validation_table(report) -> Table:
+    derivative = report.ceilings is not None
     rows = [
         [r["stage"], r["method"], r["mode"], _unsigned(r["pearson"]), _unsigned(r["spearman"]),
          f"{r['sign_agreement']:.3f}", r["mean_estimate"], r["mean_retrained"], f"{r['seconds']:.3f}",
-         f"{r['retrain_seconds']:.2f}"]
+         f"{r['retrain_seconds']:.2f}"] + ([_unsigned(r["pearson_derivative"])] if derivative else [])
         for r in report.rows
     ]
     return Table(
         title=f"Estimators vs retraining — {report.behaviour}",
         columns=["stage", "method", "mode", "Pearson r", "Spearman ρ", "sign agreement", "mean τ̂", "mean τ (retrain)",
-                 "estimator s", "retrain s"],
+                 "estimator s", "retrain s"] + (["r vs ε-removal"] if derivative else []),
         rows=rows,
         note=f"Correlations are across the {len(report.truth.final_values)} behaviour values. {report.sign_convention} "
-             + "".join(f"{n} " for n in report.truth.notes) + "Seconds are wall-clock on this machine.",
+             + "".join(f"{n} " for n in report.truth.notes) + "Seconds are wall-clock on this machine."
+             + (f" r vs ε-removal: Pearson r with retraining after removing only ε = {report.ceilings.epsilon:g} "
+                "of the stage, scaled by 1/ε — the quantity first-order estimators approximate." if derivative else ""),
+    )
+
+
+def ceilings_table(ceilings, title: str | None = None) -> Table:
+    """Per stage: how reproducible and how linear the retraining ground truth is."""
+    level = "stage/source" if any("/" in s for s in ceilings.stages) else "stage"
+    return Table(
+        title=title or "How well any estimate can agree with retraining",
+        columns=[level, "reproducibility", "ceiling", "linearity"],
+        rows=[[s, _unsigned(float(ceilings.reproducibility[k])), _unsigned(float(ceilings.ceiling[k])),
+               _unsigned(float(ceilings.linearity[k]))] for k, s in enumerate(ceilings.stages)],
+        note=f"reproducibility: Pearson r between retraining without the stage and retraining again from a start "
+             f"nudged by {ceilings.nudge:g}·‖Δ_k‖ in a random direction; ceiling = √reproducibility, the best any "
+             f"estimator can expect when the rest is noise. linearity: Pearson r between removing ε = "
+             f"{ceilings.epsilon:g} of the stage (of a source: keeping it at weight 1 − ε), scaled by 1/ε, and "
+             f"removing all of it — what an exact first-order estimate would score.",
     )
 
 
 def validation_markdown(report) -> str:
-    return validation_table(report).to_markdown()
+    tables = [validation_table(report)] + ([ceilings_table(report.ceilings)] if report.ceilings is not None else [])
+    return "\n".join(t.to_markdown() for t in tables)
 
 
 def verdict(effect: float, higher_is_better: bool = False) -> str:

@@ -39,19 +39,32 @@ def replay(run: Run, start_stage: int, initial: dict[str, torch.Tensor],
     return model.eval()
 
 
+def removal_start(run: Run, k: int) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]], Optional[str]]:
+    """Where the pipeline without stage k resumes: ``θ^(k−1)`` and the optimizer state stage k+1 is handed.
+
+    Returns ``(state dict, carried optimizer state or None, class that state came from or None)``.
+    """
+    source = counterfactual_state_source(run, k) if k < run.num_stages else None
+    carried = run.optimizer_state(source) if source is not None else None
+    carried_from = run.stage_records[source - 1].optimizer_class if source is not None else None
+    return dict(run.checkpoint(k - 1)), carried, carried_from
+
+
+def resume_after(run: Run, k: int, start: dict[str, torch.Tensor], carried: Optional[dict[str, torch.Tensor]],
+                 carried_from: Optional[str], *, advance=lambda: None) -> dict[str, torch.Tensor]:
+    """State dict at the end of training when stages k+1..K replay as recorded from ``start`` (and ``carried``)."""
+    if k == run.num_stages:
+        return {n: t.detach().clone() for n, t in start.items()}
+    model = replay(run, k + 1, start, carried, carried_from=carried_from, advance=advance)
+    return {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
 def skipped_stage_model(run: Run, k: int, *, advance=lambda: None) -> dict[str, torch.Tensor]:
     """State dict of ``θ_T^(−k)``: stage k+1 starts from ``θ^(k−1)``, later stages replay as recorded."""
     key = ("retrained", k)
     if key not in run._cache:
         start = time.perf_counter()
-        if k == run.num_stages:
-            state = dict(run.checkpoint(k - 1))
-        else:
-            source = counterfactual_state_source(run, k)
-            carried = run.optimizer_state(source) if source is not None else None
-            carried_from = run.stage_records[source - 1].optimizer_class if source is not None else None
-            model = replay(run, k + 1, run.checkpoint(k - 1), carried, carried_from=carried_from, advance=advance)
-            state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        state = resume_after(run, k, *removal_start(run, k), advance=advance)
         run._cache[key] = (state, time.perf_counter() - start)
     return run._cache[key][0]
 
@@ -118,6 +131,15 @@ def _retrained_attribution(run: Run, behaviour, counterfactuals: list[tuple[str,
     )
 
 
+def source_removal_start(run: Run, k: int) -> tuple[dict[str, torch.Tensor], Optional[dict[str, torch.Tensor]],
+                                                   Optional[str]]:
+    """Where a re-run of stage k starts: ``θ^(k−1)`` and the optimizer state stage k was handed (and its class)."""
+    carries = run.stage_records[k - 1].carry_optimizer_state and k >= 2
+    carried = run.optimizer_state(k - 1) if carries else None
+    carried_from = run.stage_records[k - 2].optimizer_class if carries else None
+    return dict(run.checkpoint(k - 1)), carried, carried_from
+
+
 def without_source_model(run: Run, k: int, source: str, *, weight: float = 0.0,
                          advance=lambda: None) -> dict[str, torch.Tensor]:
     """State dict of the model trained with ``source`` of stage k at ``weight`` (0: removed), all else as recorded.
@@ -130,10 +152,8 @@ def without_source_model(run: Run, k: int, source: str, *, weight: float = 0.0,
         if source not in run.sources(k):
             raise KeyError(f"stage {run.stages[k - 1]!r} has no data source {source!r}; its sources: {run.sources(k)}")
         start = time.perf_counter()
-        carries = run.stage_records[k - 1].carry_optimizer_state and k >= 2
-        carried = run.optimizer_state(k - 1) if carries else None
-        carried_from = run.stage_records[k - 2].optimizer_class if carries else None
-        model = replay(run, k, run.checkpoint(k - 1), carried, carried_from=carried_from, advance=advance,
+        initial, carried, carried_from = source_removal_start(run, k)
+        model = replay(run, k, initial, carried, carried_from=carried_from, advance=advance,
                        source_weights={k: {source: weight}})
         state = {n: t.detach().clone() for n, t in model.state_dict().items()}
         run._cache[key] = (state, time.perf_counter() - start)

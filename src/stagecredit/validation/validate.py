@@ -5,13 +5,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 
 from stagecredit.estimators.attribute import MODES, Attribution, attribute, behaviour_name
 from stagecredit.storage.atomic import atomic_write_json
 from stagecredit.storage.run import Run
+from stagecredit.validation.ceilings import TruthCeilings, truth_ceilings
 from stagecredit.validation.metrics import pearson, relative_error, sign_agreement, spearman
 from stagecredit.validation.retrain import retrain_effects
 
@@ -22,7 +23,10 @@ class ValidationReport:
 
     ``rows`` hold ``stage, method, mode, pearson, spearman, sign_agreement,
     relative_error, mean_estimate, mean_retrained, seconds, retrain_seconds``;
-    seconds are wall-clock on this machine.
+    seconds are wall-clock on this machine. With ``ceilings`` (``validate(...,
+    ceilings=True)``) each row also holds ``pearson_derivative`` (agreement with
+    the scaled partial removal, which first-order estimators approximate) and
+    the stage's ``reproducibility``, ``ceiling`` and ``linearity``.
     """
 
     behaviour: str
@@ -30,6 +34,7 @@ class ValidationReport:
     truth: Attribution
     attributions: list[Attribution]
     forward_seconds: float
+    ceilings: Optional[TruthCeilings] = None
 
     @property
     def sign_convention(self) -> str:
@@ -41,6 +46,7 @@ class ValidationReport:
             "sign_convention": self.sign_convention,
             "forward_seconds": self.forward_seconds,
             "rows": self.rows,
+            **({"ceilings": self.ceilings.to_dict()} if self.ceilings is not None else {}),
         }
 
     def to_json(self, path) -> None:
@@ -54,33 +60,42 @@ class ValidationReport:
 
 def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
              methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
-             curvature=None, progress: bool = True) -> ValidationReport:
+             curvature=None, ceilings: bool = False, progress: bool = True) -> ValidationReport:
     """Compare every ``method × mode`` against the retraining ground truth, stage by stage.
 
-    ``curvature``: ``CurvatureOptions`` for ``"aa-curvature"``.
+    ``curvature``: ``CurvatureOptions`` for ``"aa-curvature"``. ``ceilings``: also
+    measure how reproducible and how linear the ground truth is
+    (:func:`~stagecredit.truth_ceilings`, two more retrainings per stage), which
+    says how well any estimator could agree with it.
     """
     truth = retrain_effects(run, behaviour, progress=progress)
     forward_seconds = _forward_seconds(run, behaviour)
+    bounds = truth_ceilings(run, behaviour, truth=truth, progress=progress) if ceilings else None
 
     attributions = [attribute(run, behaviour, method=method, mode=mode, curvature=curvature, progress=progress)
                     for method in methods for mode in modes]
-    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions), truth, attributions,
-                            forward_seconds)
+    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions, bounds), truth,
+                            attributions, forward_seconds, bounds)
 
 
 def validate_sources(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
                      methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
-                     curvature=None, progress: bool = True) -> ValidationReport:
-    """Like :func:`validate`, one row per ``"stage/source"``: estimates against retraining without that source."""
+                     curvature=None, ceilings: bool = False, progress: bool = True) -> ValidationReport:
+    """Like :func:`validate`, one row per ``"stage/source"``: estimates against retraining without that source.
+
+    ``ceilings``: also measure the truth's reproducibility and linearity per source
+    (:func:`~stagecredit.truth_ceilings` with ``sources=True``).
+    """
     from stagecredit.estimators.sources import attribute_sources
     from stagecredit.validation.retrain import retrain_source_effects
 
     truth = retrain_source_effects(run, behaviour, progress=progress)
     forward_seconds = _forward_seconds(run, behaviour)
+    bounds = truth_ceilings(run, behaviour, sources=True, truth=truth, progress=progress) if ceilings else None
     attributions = [attribute_sources(run, behaviour, method=method, mode=mode, curvature=curvature,
                                       progress=progress) for method in methods for mode in modes]
-    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions), truth, attributions,
-                            forward_seconds)
+    return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions, bounds), truth,
+                            attributions, forward_seconds, bounds)
 
 
 def _forward_seconds(run: Run, behaviour) -> float:
@@ -91,7 +106,8 @@ def _forward_seconds(run: Run, behaviour) -> float:
     return time.perf_counter() - start
 
 
-def comparison_rows(truth: Attribution, attributions: Sequence[Attribution]) -> list[dict]:
+def comparison_rows(truth: Attribution, attributions: Sequence[Attribution],
+                    ceilings: Optional[TruthCeilings] = None) -> list[dict]:
     """One row per estimate row (stage, or stage/source) × attribution: agreement with ``truth`` and cost."""
     rows = []
     for att in attributions:
@@ -110,4 +126,11 @@ def comparison_rows(truth: Attribution, attributions: Sequence[Attribution]) -> 
                 "seconds": att.seconds[k],
                 "retrain_seconds": truth.seconds[k],
             })
+            if ceilings is not None:
+                rows[-1].update({
+                    "pearson_derivative": pearson(est, ceilings.derivative.effects[k]),
+                    "reproducibility": float(ceilings.reproducibility[k]),
+                    "ceiling": float(ceilings.ceiling[k]),
+                    "linearity": float(ceilings.linearity[k]),
+                })
     return rows
