@@ -21,9 +21,11 @@ def machine() -> dict:
             "processor": platform.processor() or platform.machine()}
 
 
-def write_results(name: str, only: list[str] | None, payload: dict, tables: list[Table]) -> None:
+def write_results(name: str, only: list[str] | None, payload: dict, tables: list[Table], *,
+                  script: str | None = None, extra_args: list[str] = ()) -> None:
     """Write ``results/<name>.json`` and ``.md``, naming the command that re-makes them."""
-    command = f"python benchmarks/{name}.py" + "".join(f" --only {n}" for n in only or [])
+    command = (f"python benchmarks/{script or name}.py" + "".join(f" --only {n}" for n in only or [])
+               + "".join(f" {a}" for a in extra_args))
     RESULTS.mkdir(exist_ok=True)
     atomic_write_json(RESULTS / f"{name}.json", {"command": command, "machine": machine(), **payload})
     body = [f"# {name}", "", f"Made by `{command}` on {machine()}.", ""] + [t.to_markdown() for t in tables]
@@ -43,10 +45,15 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=sorted(pipelines), action="append")
     parser.add_argument("--methods", nargs="+", default=["delta", "aa", "aa-curvature"])
+    parser.add_argument("--curvature", choices=["ggn", "hessian"],
+                        help="aa-curvature's curvature instead of its default; results go to <name>-<curvature>.*")
     args = parser.parse_args()
+    import stagecredit as sc
+
+    options = sc.CurvatureOptions(curvature=args.curvature) if args.curvature else None
     all_rows, tables, ceilings = [], [], {}
     for pipeline_name, run, behaviour in recorded_runs(pipelines, args.only):
-        report = validate(run, behaviour, methods=args.methods, progress=False)
+        report = validate(run, behaviour, methods=args.methods, curvature=options, progress=False)
         rows = [{"pipeline": pipeline_name, **r} for r in report.rows]
         all_rows += rows
         derivative = report.ceilings is not None
@@ -68,7 +75,9 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
             tables.append(ceilings_table(report.ceilings, f"{pipeline_name}: how well any estimate can agree with "
                                                           "retraining"))
             tables[-1].print()
-    write_results(name, args.only, {"rows": all_rows, **({"ceilings": ceilings} if ceilings else {})}, tables)
+    write_results(f"{name}-{args.curvature}" if args.curvature else name, args.only,
+                  {"rows": all_rows, **({"ceilings": ceilings} if ceilings else {})}, tables,
+                  script=name, extra_args=[f"--curvature {args.curvature}"] if args.curvature else [])
 
 
 def recorded_runs(pipelines: dict, only: list[str] | None):

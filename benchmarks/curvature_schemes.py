@@ -3,8 +3,9 @@
     python benchmarks/curvature_schemes.py
 
 For every pipeline of benchmarks/pipelines.py: Pearson r per stage (linear and
-model mode) and seconds for `aa`, the exact per-step replay (GGN and Hessian)
-and segment schemes of several lengths, Krylov sizes and curvature samples,
+model mode) and seconds for `aa`, the per-step replay (with the Hessian, its
+default, and the GGN; ``scheme="auto"`` equals it when every stage replays bit
+for bit) and segment schemes of several lengths, Krylov sizes and curvature samples,
 with the retraining time from the same run. One variant runs on the same
 pipeline recorded with a checkpoint every 10 steps instead of 50, so its
 segments start from fresh parameters. A second table scores the linear
@@ -33,15 +34,15 @@ from stagecredit.validation.metrics import pearson
 DENSE_LABEL = "segments 10 on checkpoints every 10, k5, 8 batches"
 VARIANTS = {
     "aa (H = 0)": None,
-    "exact, GGN": C.exact("ggn"),
-    "exact, Hessian": C.exact("hessian"),
+    "replay, Hessian (exact, auto)": C.exact(),
+    "replay, GGN": C.exact("ggn"),
     "segments 50, k5, 8 batches (default)": C(),
     "segments 50, k5, 8 batches, Hessian": C(curvature="hessian"),
     "segments 50, k3, 2 batches (fast)": C.fast(),
     "segments 50, k10, all batches (thorough)": C.thorough(),
+    "segments 50, k5, all batches": C(curvature_batches=None),
     "segments 25, k5, 8 batches": C(segment_steps=25),
     "segments 100, k5, 8 batches": C(segment_steps=100),
-    "auto (segments for SGD, replay for Adam), k5, 8 batches": C(scheme="auto"),
     DENSE_LABEL: C(),
 }
 DENSE_EVERY = 10

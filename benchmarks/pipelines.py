@@ -90,6 +90,29 @@ PIPELINES = {
 }
 
 
+def mnist_wide():
+    """3 stages of a 1.9M-parameter MLP on the demo's MNIST data, batches of 128: big enough to be compute-bound."""
+    data = mnist.make_data()
+
+    def model():
+        return torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
+                                   torch.nn.ReLU(), torch.nn.Linear(1024, 10))
+
+    ce_mnist = mnist.cross_entropy
+    return sc.Pipeline(model, [
+        sc.Stage("pretrain", data.pretrain, ce_mnist, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=100,
+                 batch_size=128, seed=1),
+        sc.Stage("finetune", data.finetune, ce_mnist, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=100,
+                 batch_size=128, seed=2),
+        sc.Stage("adapt", data.adapt["digits"], ce_mnist, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9),
+                 steps=100, batch_size=128, seed=3),
+    ]), sc.PerExampleLoss(data.test, ce_mnist, name="MNIST test loss (nats)")
+
+
+# cost.py only: too slow to retrain for every fidelity variant on 2 cores
+COST_PIPELINES = {**PIPELINES, "mnist-wide": mnist_wide}
+
+
 def digits_sourced():
     """2 stages with two sources each: SGD {clean, relabelled: 30% wrong labels} → AdamW {clean, noisy images}."""
     X, y = _digits()

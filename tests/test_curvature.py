@@ -159,7 +159,7 @@ def test_segments_converge_to_the_exact_replay(tmp_path):
     exact = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
     errors = []
     for length in (16, 4, 1):
-        options = C(curvature="hessian", segment_steps=length, curvature_batches=1, krylov_dim=14)
+        options = C.segments(curvature="hessian", segment_steps=length, curvature_batches=1, krylov_dim=14)
         seg = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
         errors.append(np.abs(seg.effects - exact.effects).max())
     assert errors[0] > errors[1] > errors[2]
@@ -169,7 +169,7 @@ def test_segments_converge_to_the_exact_replay(tmp_path):
 def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path):
     run, behaviour = _quadratic_run(tmp_path, batch_size=64)  # full batch: one Hessian for every step
     truth = sc.retrain_effects(run, behaviour, progress=False)
-    options = C(curvature="hessian", segment_steps=16, curvature_batches=1, krylov_dim=14)
+    options = C.segments(curvature="hessian", segment_steps=16, curvature_batches=1, krylov_dim=14)
     est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
     np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
 
@@ -205,6 +205,23 @@ def test_exact_replay_detects_a_changed_pipeline(toy_run, toy_behaviour):
     loaded = sc.Run.load(toy_run.path, pipeline=changed)
     with pytest.raises(RuntimeError, match="did not reproduce its recorded checkpoint"):
         sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)
+
+
+def test_auto_falls_back_to_segments_only_where_a_stage_does_not_replay(toy_run, toy_behaviour):
+    from conftest import three_stage_pipeline
+
+    assert C().scheme == "segments"
+    changed = three_stage_pipeline()
+    changed.stages[1].optimizer = lambda p: torch.optim.AdamW(p, lr=0.021, weight_decay=0.3)
+    loaded = sc.Run.load(toy_run.path, pipeline=changed)
+    with pytest.warns(UserWarning, match="'finetune' did not reproduce.*uses segments") as caught:
+        auto = sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C(scheme="auto"),
+                            progress=False)
+    assert len([w for w in caught if "did not reproduce" in str(w.message)]) == 1
+    assert np.all(np.isfinite(auto.effects))
+    # finetune's perturbation only travels through adapt, which still replays: the reference result
+    exact = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)
+    np.testing.assert_allclose(auto.effects[1:], exact.effects[1:], rtol=1e-6, atol=1e-8)
 
 
 def test_options_are_validated():

@@ -94,7 +94,9 @@ def attribute(
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     pipeline: Optional[str] = typer.Option(None, help=PIPELINE_HELP + " Needed when the run cannot rebuild its model by itself."),
     method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
-    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
+                               "replay, the reference) | auto (the replay, segments for a stage that does not replay "
+                               "bit for bit)."),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     sources: bool = typer.Option(False, "--sources", help="Attribute to every named data source of every stage "
                                  "instead of to the stages."),
@@ -129,7 +131,9 @@ def validate(
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     methods: List[str] = typer.Option(["delta", "aa"], "--method",
                                       help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
-    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default) | auto | exact (per-step replay)."),
+    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
+                               "replay, the reference) | auto (the replay, segments for a stage that does not replay "
+                               "bit for bit)."),
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "

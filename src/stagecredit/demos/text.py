@@ -232,7 +232,7 @@ def build_pipeline(data: TextDemoData, scale: float = 1.0) -> sc.Pipeline:
 
 
 # Curvature products through an attention layer on 2 CPU cores are dear: short Krylov spaces, two batches.
-CURVATURE = sc.CurvatureOptions(segment_steps=50, krylov_dim=3, curvature_batches=2)
+CURVATURE = sc.CurvatureOptions.segments(segment_steps=50, krylov_dim=3, curvature_batches=2)
 
 
 def run_text_demo(out_dir, *, scale: float = 1.0, progress: bool = True, console=None) -> dict:
