@@ -39,6 +39,8 @@ def test_affine_training_is_perfectly_linear_and_reproducible(tmp_path):
     np.testing.assert_allclose(ceilings.derivative.effects, truth.effects, rtol=1e-3, atol=1e-4)
     assert np.all(ceilings.linearity > 0.9999)
     assert np.all(ceilings.reproducibility > 0.99) and np.all(ceilings.ceiling <= 1.0)
+    assert ceilings.readings()[:2] == ["first order applies"] * 2
+    assert ceilings.readings()[2].startswith("model mode is exact here")
     # and the exact replay, a first-order estimate, matches that derivative
     est = sc.attribute(run, prediction, "aa-curvature", "linear", curvature=sc.CurvatureOptions.exact(), progress=False)
     for k in range(3):
@@ -83,6 +85,17 @@ def test_validate_with_ceilings_adds_rows_json_and_a_table(tmp_path):
     assert "How well any estimate can agree with retraining" in report.to_markdown()
     plain = sc.validate(run, prediction, methods=["aa"], modes=["linear"], progress=False)
     assert plain.ceilings is None and "ceilings" not in plain.to_dict() and "ceiling" not in plain.rows[0]
+
+
+def test_readings_say_which_limit_binds():
+    from stagecredit.validation.ceilings import TruthCeilings
+
+    ceilings = TruthCeilings(["a", "b", "c", "d"], np.array([0.99, 0.99, 0.64, 0.64]),
+                             np.array([0.95, 0.4, 0.95, 0.3]), None, 0.01, 0.01)
+    first, nonlinear, noisy, both = ceilings.readings()
+    assert first == "first order applies" and "beyond first order" in nonlinear and "sensitive" not in nonlinear
+    assert "sensitive to its start" in noisy and "0.80" in noisy and "beyond" not in noisy
+    assert "sensitive to its start" in both and "beyond first order" in both
 
 
 def test_bad_ceiling_settings_are_refused(toy_run, toy_behaviour):

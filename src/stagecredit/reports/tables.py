@@ -84,9 +84,10 @@ def ceilings_table(ceilings, title: str | None = None) -> Table:
     level = "stage/source" if any("/" in s for s in ceilings.stages) else "stage"
     return Table(
         title=title or "How well any estimate can agree with retraining",
-        columns=[level, "reproducibility", "ceiling", "linearity"],
+        columns=[level, "reproducibility", "ceiling", "linearity", "reading"],
         rows=[[s, _unsigned(float(ceilings.reproducibility[k])), _unsigned(float(ceilings.ceiling[k])),
-               _unsigned(float(ceilings.linearity[k]))] for k, s in enumerate(ceilings.stages)],
+               _unsigned(float(ceilings.linearity[k])), reading]
+              for k, (s, reading) in enumerate(zip(ceilings.stages, ceilings.readings()))],
         note=f"reproducibility: Pearson r between retraining without the stage and retraining again from a start "
              f"nudged by {ceilings.nudge:g}·‖Δ_k‖ in a random direction; ceiling = √reproducibility, the best any "
              f"estimator can expect when the rest is noise. linearity: Pearson r between removing ε = "

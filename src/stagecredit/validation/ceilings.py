@@ -53,6 +53,8 @@ from stagecredit.validation.retrain import (
 )
 
 DERIVATIVE = "retrain-derivative"
+REPRODUCIBLE = 0.95  # reproducibility from which retraining counts as a stable target
+LINEAR = 0.9  # linearity from which a first-order estimate can match the full removal
 
 
 @dataclasses.dataclass
@@ -65,11 +67,34 @@ class TruthCeilings:
     derivative: Attribution  # τ_k^(ε) / ε
     epsilon: float
     nudge: float
+    model_exact: Optional[list[bool]] = None  # rows whose model-mode estimate is exact (the last stage)
 
     @property
     def ceiling(self) -> np.ndarray:
         """``√reproducibility`` (0 where the retrainings do not even agree in sign)."""
         return np.sqrt(np.clip(self.reproducibility, 0.0, 1.0))
+
+    def readings(self) -> list[str]:
+        """Per row, what the two numbers mean for the estimators, in words.
+
+        Retraining counts as reproducible from 0.95 and as linear in the removal
+        from 0.9; below that the question is noisy or beyond first order.
+        """
+        out = []
+        exact = self.model_exact or [False] * len(self.stages)
+        for repro, linear, model_exact in zip(self.reproducibility, self.linearity, exact):
+            if model_exact:
+                out.append("model mode is exact here (nothing trains after it)"
+                           + ("" if linear >= LINEAR else "; linear mode is beyond first order"))
+            else:
+                parts = []
+                if not repro >= REPRODUCIBLE:
+                    parts.append(f"retraining is sensitive to its start: no estimate can be expected above "
+                                 f"{np.sqrt(max(float(repro), 0.0)):.2f}")
+                if not linear >= LINEAR:
+                    parts.append("beyond first order: removing all of it is not a scaled-up small removal")
+                out.append("; ".join(parts) or "first order applies")
+        return out
 
     def to_dict(self) -> dict:
         return {
@@ -77,8 +102,8 @@ class TruthCeilings:
             "nudge": self.nudge,
             "stages": [
                 {"stage": s, "reproducibility": float(self.reproducibility[k]), "ceiling": float(self.ceiling[k]),
-                 "linearity": float(self.linearity[k])}
-                for k, s in enumerate(self.stages)
+                 "linearity": float(self.linearity[k]), "reading": reading}
+                for k, (s, reading) in enumerate(zip(self.stages, self.readings()))
             ],
         }
 
@@ -203,4 +228,5 @@ def truth_ceilings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor
                                                     in zip(labels, rows, nudged)], truth.sign_convention, truth.notes)
     reproducibility = np.array([pearson(again.effects[i], truth.effects[i]) for i in range(len(rows))])
     linearity = np.array([pearson(derivative.effects[i], truth.effects[i]) for i in range(len(rows))])
-    return TruthCeilings(labels, reproducibility, linearity, derivative, epsilon, nudge)
+    return TruthCeilings(labels, reproducibility, linearity, derivative, epsilon, nudge,
+                         model_exact=[source is None and k == K for k, source in rows])
