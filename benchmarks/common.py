@@ -38,7 +38,7 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
     ``validate(run, behaviour, methods=...)`` returns a ``ValidationReport`` (``sc.validate`` or
     ``sc.validate_sources``); when the report carries the truth's ceilings they get a table of their own.
     """
-    from stagecredit.reports.tables import ceilings_table
+    from stagecredit.reports.tables import ceilings_table, epsilon_removal
 
     import argparse
 
@@ -66,8 +66,7 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
                    r["mean_retrained"], f"{r['seconds']:.3f}", f"{r['retrain_seconds']:.2f}"]
                   + ([f"{r['pearson_derivative']:.3f}"] if derivative else []) for r in rows],
             note=f"N = {len(report.truth.final_values)} evaluation examples; truth = {truth_note}."
-                 + (f" r vs ε-removal: Pearson r with retraining after removing only ε = {report.ceilings.epsilon:g} "
-                    "of the stage, scaled by 1/ε (what first-order estimators approximate)." if derivative else ""),
+                 + (f" r vs ε-removal: Pearson r with {epsilon_removal(report.ceilings)}." if derivative else ""),
         ))
         tables[-1].print()
         if derivative:

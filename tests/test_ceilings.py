@@ -1,5 +1,6 @@
 """The truth's ceilings: reproducibility and linearity of retraining, measured by two more retrainings."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -101,8 +102,32 @@ def test_readings_say_which_limit_binds():
 def test_bad_ceiling_settings_are_refused(toy_run, toy_behaviour):
     with pytest.raises(ValueError, match="epsilon"):
         sc.truth_ceilings(toy_run, toy_behaviour, epsilon=0.0)
-    with pytest.raises(ValueError, match="nudge"):
-        sc.truth_ceilings(toy_run, toy_behaviour, nudge=-1.0)
+    for nudge in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="nudge"):
+            sc.truth_ceilings(toy_run, toy_behaviour, nudge=nudge)
+    truth = sc.retrain_effects(toy_run, toy_behaviour, progress=False)
+    with pytest.raises(ValueError, match="truth has rows"):
+        sc.truth_ceilings(toy_run, toy_behaviour, truth=dataclasses.replace(truth, stages=["a", "b", "c"]))
+
+
+def test_every_nudged_retraining_really_starts_elsewhere(tmp_path):
+    """A nudge that was never applied would give reproducibility 1 and pass every other check."""
+    from test_sources import linear_score_loss, sourced_pipeline
+
+    from stagecredit.validation.retrain import skipped_stage_model, without_source_model
+
+    run, prediction = _affine_run(tmp_path)
+    sc.truth_ceilings(run, prediction, progress=False)
+    for k in (1, 2, 3):
+        nudged, removed = run._cache[("ceiling", "nudged", k, None, 0.01)][0], skipped_stage_model(run, k)
+        assert any(not torch.equal(nudged[n], removed[n]) for n in run.parameter_names)
+    sourced = sourced_pipeline().run(tmp_path / "sourced", progress=False)
+    sc.truth_ceilings(sourced, sc.PerExampleLoss(toy_data(30, seed=5), linear_score_loss), sources=True,
+                      progress=False)
+    for k, source in [(1, "web"), (2, "odd")]:
+        nudged = sourced._cache[("ceiling", "nudged", k, source, 0.01)][0]
+        removed = without_source_model(sourced, k, source)
+        assert any(not torch.equal(nudged[n], removed[n]) for n in sourced.parameter_names)
 
 
 def test_cli_validate_ceilings(tmp_path):

@@ -224,6 +224,29 @@ def test_auto_falls_back_to_segments_only_where_a_stage_does_not_replay(toy_run,
     np.testing.assert_allclose(auto.effects[1:], exact.effects[1:], rtol=1e-6, atol=1e-8)
 
 
+def test_auto_equals_segments_when_no_stage_replays(toy_run, toy_behaviour, monkeypatch):
+    """The fallback starts from the tangents that entered the failed replay, not from what it left behind."""
+    from stagecredit.estimators import curvature_propagation as cp
+
+    def mismatch(run, k, model):
+        raise cp.ReplayMismatchError(f"stage {k} forced to mismatch")
+
+    monkeypatch.setattr(cp, "_check_replay", mismatch)
+    loaded = sc.Run.load(toy_run.path, pipeline=toy_run.pipeline)
+    with pytest.warns(UserWarning, match="forced to mismatch"):
+        auto = sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C(scheme="auto"),
+                            progress=False)
+    segments = sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C(), progress=False)
+    np.testing.assert_array_equal(auto.effects, segments.effects)
+
+
+def test_default_curvature_is_the_hessian_in_replays_and_the_ggn_elsewhere():
+    assert C.exact().curvature_for("replay") == "hessian"
+    assert C().curvature_for("segments") == "ggn" and C().curvature_for("source") == "ggn"
+    assert C(curvature="hessian").curvature_for("segments") == "hessian"
+    assert C.exact("ggn").curvature_for("replay") == "ggn"
+
+
 def test_options_are_validated():
     for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"krylov_dim": 0}):
         with pytest.raises(ValueError):

@@ -88,8 +88,8 @@ class CurvatureOptions:
     Evidence (``benchmarks/curvature_schemes.py``): against removing 1% of a
     stage, which is what a first-order estimate approximates, the replay (with
     the Hessian) scores 0.985–1.000 on every stage of the digits pipelines and
-    the default segments 0.615–0.950, and against retraining the replay is the
-    better on every digits stage after the first. Segments stay the default
+    the default segments 0.615–1.000, and against retraining the replay is
+    the better on every digits stage but the last (where they are equal). Segments stay the default
     because they cost less: the replay takes 4.1–6.7× as long as segments on
     the small benchmark pipelines and 2.4× on a compute-bound 1.9M-parameter
     MLP, and 3.9–9.8× as long as retraining (``benchmarks/cost.py``, linear

@@ -59,6 +59,15 @@ def _unsigned(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
+def epsilon_removal(ceilings) -> str:
+    """How the scaled partial removal of the ceilings is described: of a stage, or of a source."""
+    if any("/" in s for s in ceilings.stages):  # '/' only ever joins stage and source
+        return (f"retraining with the source kept at weight 1 − ε (ε = {ceilings.epsilon:g}), scaled by 1/ε — the "
+                "quantity first-order estimators approximate")
+    return (f"retraining after removing only ε = {ceilings.epsilon:g} of the stage, scaled by 1/ε — the quantity "
+            "first-order estimators approximate")
+
+
 def validation_table(report) -> Table:
     derivative = report.ceilings is not None
     rows = [
@@ -74,8 +83,7 @@ def validation_table(report) -> Table:
         rows=rows,
         note=f"Correlations are across the {len(report.truth.final_values)} behaviour values. {report.sign_convention} "
              + "".join(f"{n} " for n in report.truth.notes) + "Seconds are wall-clock on this machine."
-             + (f" r vs ε-removal: Pearson r with retraining after removing only ε = {report.ceilings.epsilon:g} "
-                "of the stage, scaled by 1/ε — the quantity first-order estimators approximate." if derivative else ""),
+             + (f" r vs ε-removal: Pearson r with {epsilon_removal(report.ceilings)}." if derivative else ""),
     )
 
 
@@ -88,11 +96,11 @@ def ceilings_table(ceilings, title: str | None = None) -> Table:
         rows=[[s, _unsigned(float(ceilings.reproducibility[k])), _unsigned(float(ceilings.ceiling[k])),
                _unsigned(float(ceilings.linearity[k])), reading]
               for k, (s, reading) in enumerate(zip(ceilings.stages, ceilings.readings()))],
-        note=f"reproducibility: Pearson r between retraining without the stage and retraining again from a start "
-             f"nudged by {ceilings.nudge:g}·‖Δ_k‖ in a random direction; ceiling = √reproducibility, the best any "
-             f"estimator can expect when the rest is noise. linearity: Pearson r between removing ε = "
-             f"{ceilings.epsilon:g} of the stage (of a source: keeping it at weight 1 − ε), scaled by 1/ε, and "
-             f"removing all of it — what an exact first-order estimate would score.",
+        note=f"reproducibility: Pearson r between retraining without the {level} and retraining again from a "
+             f"start of its stage nudged by {ceilings.nudge:g}·‖Δ_k‖ in a random direction; ceiling = "
+             f"√reproducibility, what an estimate can expect if the rest is noise. linearity: Pearson r between "
+             f"{epsilon_removal(ceilings)}, and removing all of it — what a perfect estimate of that quantity "
+             f"would score.",
     )
 
 

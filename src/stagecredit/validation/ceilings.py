@@ -11,16 +11,20 @@ retrainings per stage say how much of it an estimator can be expected to match:
 * **reproducibility** — retrain without stage k once more, from ``θ^(k−1)``
   plus a random nudge of ``nudge · ‖Δ_k‖`` (1% by default), and correlate the
   two sets of effects. Where training amplifies small differences (large
-  learning rates, noisy data), the two disagree, and no estimator computed
-  from the recorded run can predict which way the noise falls. If the truth is
+  learning rates, noisy data), the two disagree: the outcome hinges on details
+  a 1% change of the question redraws. Under the model that the truth is
   ``signal + noise`` with independent noise of the same size in both
-  retrainings, the best any estimator can reach is ``√reproducibility``: the
-  **ceiling**.
+  retrainings, the best an estimator of the signal can reach is
+  ``√reproducibility``: the **ceiling** (a guide, not a proof: the truth is
+  deterministic given the record, and retraining itself scores 1).
 * **linearity** — retrain after removing only a fraction ``ε`` of stage k
   (resume from ``θ^(k) − ε Δ_k``), divide the effect by ``ε``, and correlate it
   with the full removal. The scaled partial removal is what the first-order
-  estimators (``aa``, ``aa-curvature``) approximate; where removing the whole
-  stage is far outside first order, even an exact derivative scores only this.
+  estimators (``aa``, ``aa-curvature``) approximate; this is what a perfect
+  estimate of it would score against the full removal (not a bound: an
+  estimator may land closer to the full removal by chance). Step counters in
+  carried optimizer state stay as recorded, so with Adam state the partial
+  removal moves the moments, not the bias correction.
 
 ``derivative`` holds the scaled partial-removal effects as an
 :class:`Attribution` (``method="retrain-derivative"``) so estimators can be
@@ -30,6 +34,7 @@ scored against the quantity they approximate.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Callable, Optional
 
@@ -89,7 +94,7 @@ class TruthCeilings:
             else:
                 parts = []
                 if not repro >= REPRODUCIBLE:
-                    parts.append(f"retraining is sensitive to its start: no estimate can be expected above "
+                    parts.append(f"retraining is sensitive to its start: estimates can hardly be expected above "
                                  f"{np.sqrt(max(float(repro), 0.0)):.2f}")
                 if not linear >= LINEAR:
                     parts.append("beyond first order: removing all of it is not a scaled-up small removal")
@@ -196,21 +201,26 @@ def truth_ceilings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor
     from ``θ^(k−1)`` nudged by ``nudge · ‖Δ_k‖``. ``truth``: the result of
     :func:`retrain_effects` (or :func:`retrain_source_effects`) if already computed.
     """
-    from stagecredit.estimators.sources import sourced_pairs
+    from stagecredit.estimators.sources import source_label, sourced_pairs
 
     if not 0 < epsilon <= 1:
         raise ValueError(f"epsilon must be in (0, 1], got {epsilon}")
-    if nudge <= 0:
-        raise ValueError(f"nudge must be > 0, got {nudge}")
+    if not (math.isfinite(nudge) and nudge > 0):
+        raise ValueError(f"nudge must be a finite number > 0, got {nudge}")
     K = run.num_stages
     if sources:
-        truth = truth if truth is not None else retrain_source_effects(run, behaviour, progress=progress)
         rows = sourced_pairs(run)
+        expected = [source_label(run.stages[k - 1], source) for k, source in rows]
         first = {k: k for k, _ in rows}
     else:
-        truth = truth if truth is not None else retrain_effects(run, behaviour, progress=progress)
         rows = [(k, None) for k in range(1, K + 1)]
+        expected = list(run.stages)
         first = {k: k + 1 for k, _ in rows}
+    if truth is not None and list(truth.stages) != expected:
+        raise ValueError(f"truth has rows {list(truth.stages)} but the ceilings of {'sources' if sources else 'stages'} "
+                         f"need {expected}; pass the matching retrain_{'source_' if sources else ''}effects result")
+    if truth is None:
+        truth = (retrain_source_effects if sources else retrain_effects)(run, behaviour, progress=progress)
     total = 2 * sum(run.stage_records[j - 1].steps for k, _ in rows for j in range(first[k], K + 1))
     with progress_bar("retraining for the truth's ceilings", total, enabled=progress) as advance:
         partial = [_variant(run, k, source, "partial", epsilon, advance=advance) for k, source in rows]
