@@ -137,8 +137,8 @@ def validate(
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
-                                  "retraining truth is (two more retrainings per stage): the best agreement any "
-                                  "estimator can reach."),
+                                  "retraining truth is (two more retrainings per stage or source): a guide to how "
+                                  "well any estimator can agree with it."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -147,7 +147,7 @@ def validate(
     from stagecredit.cli.loading import load_behaviour, load_pipeline
     from stagecredit.reports.html import write_report
     from stagecredit.reports.plots import scatter_plot
-    from stagecredit.reports.tables import ceilings_table, validation_table
+    from stagecredit.reports.tables import validation_tables
 
     pipe = load_pipeline(pipeline)
     if not (run / "run.json").exists():
@@ -166,7 +166,7 @@ def validate(
     out = out or run / "validation"
     out.mkdir(parents=True, exist_ok=True)
     report.to_json(out / "validation.json")
-    tables = [validation_table(report)] + ([ceilings_table(report.ceilings)] if report.ceilings is not None else [])
+    tables = validation_tables(report)
     plot = scatter_plot(out / "estimate_vs_retrain.png", report.truth, report.attributions, "behaviour units")
     write_report(out, f"stagecredit — validation against retraining: {report.behaviour}", [*tables, plot])
     for table in tables:

@@ -89,11 +89,11 @@ class CurvatureOptions:
     stage, which is what a first-order estimate approximates, the replay (with
     the Hessian) scores 0.985–1.000 on every stage of the digits pipelines and
     the default segments 0.615–1.000, and against retraining the replay is
-    the better on every digits stage but the last (where they are equal). Segments stay the default
-    because they cost less: the replay takes 4.1–6.7× as long as segments on
-    the small benchmark pipelines and 2.4× on a compute-bound 1.9M-parameter
-    MLP, and 3.9–9.8× as long as retraining (``benchmarks/cost.py``, linear
-    mode).
+    the better on every digits stage but the last (where they are equal).
+    Segments stay the default because they cost less: the replay takes
+    4.1–6.7× as long as segments on the small benchmark pipelines and 2.4× on a
+    compute-bound 1.9M-parameter MLP, and 3.9–9.8× as long as retraining
+    (``benchmarks/cost.py``, linear mode).
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
     replayed step by step (the update's exact linearisation, and on the digits
@@ -130,10 +130,6 @@ class CurvatureOptions:
     def exact(cls, curvature: Optional[str] = None) -> "CurvatureOptions":
         return cls(scheme="exact", curvature=curvature)
 
-    def curvature_for(self, use: str) -> str:
-        """The curvature for ``use``: ``"replay"`` (later stages step by step), ``"segments"`` or ``"source"``."""
-        return self.curvature or {"replay": "hessian", "segments": "ggn", "source": "ggn"}[use]
-
     @classmethod
     def segments(cls, **settings) -> "CurvatureOptions":
         """Segments with the default settings (``krylov_dim=5``, 8 curvature batches) unless overridden."""
@@ -146,6 +142,10 @@ class CurvatureOptions:
     @classmethod
     def thorough(cls) -> "CurvatureOptions":
         return cls(scheme="segments", krylov_dim=10, curvature_batches=None)
+
+    def curvature_for(self, use: str) -> str:
+        """The curvature for ``use``: ``"replay"`` (later stages step by step), ``"segments"`` or ``"source"``."""
+        return self.curvature or {"replay": "hessian", "segments": "ggn", "source": "ggn"}[use]
 
     def key(self) -> tuple:
         return dataclasses.astuple(self)

@@ -59,9 +59,14 @@ def _unsigned(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.3f}"
 
 
+def row_level(labels) -> str:
+    """``"stage/source"`` when the rows are data sources, else ``"stage"`` ('/' only ever joins stage and source)."""
+    return "stage/source" if any("/" in s for s in labels) else "stage"
+
+
 def epsilon_removal(ceilings) -> str:
     """How the scaled partial removal of the ceilings is described: of a stage, or of a source."""
-    if any("/" in s for s in ceilings.stages):  # '/' only ever joins stage and source
+    if row_level(ceilings.stages) == "stage/source":
         return (f"retraining with the source kept at weight 1 − ε (ε = {ceilings.epsilon:g}), scaled by 1/ε — the "
                 "quantity first-order estimators approximate")
     return (f"retraining after removing only ε = {ceilings.epsilon:g} of the stage, scaled by 1/ε — the quantity "
@@ -89,7 +94,7 @@ def validation_table(report) -> Table:
 
 def ceilings_table(ceilings, title: str | None = None) -> Table:
     """Per stage: how reproducible and how linear the retraining ground truth is."""
-    level = "stage/source" if any("/" in s for s in ceilings.stages) else "stage"
+    level = row_level(ceilings.stages)
     return Table(
         title=title or "How well any estimate can agree with retraining",
         columns=[level, "reproducibility", "ceiling", "linearity", "reading"],
@@ -104,9 +109,13 @@ def ceilings_table(ceilings, title: str | None = None) -> Table:
     )
 
 
+def validation_tables(report) -> list[Table]:
+    """The estimators-vs-retraining table, and the ceilings table when the report measured them."""
+    return [validation_table(report)] + ([ceilings_table(report.ceilings)] if report.ceilings is not None else [])
+
+
 def validation_markdown(report) -> str:
-    tables = [validation_table(report)] + ([ceilings_table(report.ceilings)] if report.ceilings is not None else [])
-    return "\n".join(t.to_markdown() for t in tables)
+    return "\n".join(t.to_markdown() for t in validation_tables(report))
 
 
 def verdict(effect: float, higher_is_better: bool = False) -> str:
@@ -118,7 +127,7 @@ def verdict(effect: float, higher_is_better: bool = False) -> str:
 def effects_table(att, title: str | None = None, unit: str = "") -> Table:
     totals = att.totals()
     rows = [[stage, float(totals[k]), verdict(float(totals[k]), att.higher_is_better)] for k, stage in enumerate(att.stages)]
-    level = "stage/source" if any("/" in s for s in att.stages) else "stage"  # '/' only ever joins stage and source
+    level = row_level(att.stages)
     return Table(
         title=title or f"Mean {'source' if '/' in level else 'stage'} effect on {att.behaviour} ({att.method}, {att.mode})",
         columns=[level, f"mean τ̂ {unit}".strip(), "verdict"],
