@@ -168,25 +168,27 @@ def _stage_variant(run: Run, k: int, variant: str, amount: float, advance) -> di
     return resume_after(run, k, *resume(run, k, amount), advance=advance)
 
 
-def _source_variant(run: Run, k: int, source: str, variant: str, amount: float, advance) -> dict[str, torch.Tensor]:
-    """Source j of stage k at weight ``1 − ε`` ("partial"), or removed from a nudged start of stage k ("nudged")."""
-    if variant == "partial":
-        return without_source_model(run, k, source, weight=1.0 - amount, advance=advance)
+def _nudged_source_removal(run: Run, k: int, source: str, nudge: float, advance) -> dict[str, torch.Tensor]:
+    """Source j of stage k removed, its stage started from ``θ^(k−1)`` nudged by ``nudge · ‖Δ_k‖``."""
     start, carried, carried_from = source_removal_start(run, k)
     seed = 10_007 * k + 101 * (1 + run.sources(k).index(source))
-    model = replay(run, k, _nudged(run, k, start, amount, seed), carried, carried_from=carried_from,
+    model = replay(run, k, _nudged(run, k, start, nudge, seed), carried, carried_from=carried_from,
                    advance=advance, source_weights={k: {source: 0.0}})
     return {n: t.detach().clone() for n, t in model.state_dict().items()}
 
 
 def _variant(run: Run, k: int, source: Optional[str], variant: str, amount: float, *, advance) -> tuple[dict, float]:
+    """``(state dict, seconds)`` of one extra retraining, cached on the run."""
+    if source is not None and variant == "partial":  # a re-run at weight 1 − ε, which the run caches itself
+        without_source_model(run, k, source, weight=1.0 - amount, advance=advance)
+        return run._cache[("retrained-source", k, source, float(1.0 - amount))]
     key = ("ceiling", variant, k, source, float(amount))
     if key not in run._cache:
         begin = time.perf_counter()
         if source is None:
             state = _stage_variant(run, k, variant, amount, advance)
         else:
-            state = _source_variant(run, k, source, variant, amount, advance)
+            state = _nudged_source_removal(run, k, source, amount, advance)
         run._cache[key] = (state, time.perf_counter() - begin)
     return run._cache[key]
 
