@@ -84,6 +84,10 @@ def test_validate_with_ceilings_adds_rows_json_and_a_table(tmp_path):
     data = report.to_dict()
     assert [s["stage"] for s in data["ceilings"]["stages"]] == ["a", "b", "c"]
     assert "How well any estimate can agree with retraining" in report.to_markdown()
+    with pytest.raises(ValueError, match="'epsilon' and 'nudge'"):
+        sc.validate(run, prediction, methods=["aa"], modes=["linear"], ceilings={"eps": 0.1}, progress=False)
+    wide = sc.validate(run, prediction, methods=["aa"], modes=["linear"], ceilings={"epsilon": 0.2}, progress=False)
+    assert wide.ceilings.epsilon == 0.2
     plain = sc.validate(run, prediction, methods=["aa"], modes=["linear"], progress=False)
     assert plain.ceilings is None and "ceilings" not in plain.to_dict() and "ceiling" not in plain.rows[0]
 
@@ -135,11 +139,14 @@ def test_cli_validate_ceilings(tmp_path):
     run = tmp_path / "run"
     args = ["validate", str(run), "--pipeline", "conftest:three_stage_pipeline", "--eval", "conftest:toy_eval",
             "--method", "aa", "--no-progress"]
-    result = runner.invoke(app, args + ["--ceilings"])
+    result = runner.invoke(app, args + ["--ceilings", "--ceiling-epsilon", "0.05"])
     assert result.exit_code == 0, result.output
     assert "reproducibility" in result.output
     data = json.loads((run / "validation" / "validation.json").read_text())
     assert len(data["ceilings"]["stages"]) == 3 and "pearson_derivative" in data["rows"][0]
+    assert data["ceilings"]["epsilon"] == 0.05 and data["ceilings"]["nudge"] == 0.01
+    result = runner.invoke(app, args + ["--ceilings", "--ceiling-nudge", "0"])
+    assert result.exit_code == 2 and "nudge" in result.output
     assert "How well any estimate" in (run / "validation" / "summary.md").read_text()
 
 

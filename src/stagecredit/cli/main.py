@@ -139,6 +139,10 @@ def validate(
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
                                   "retraining truth is (two more retrainings per stage or source): a guide to how "
                                   "well any estimator can agree with it."),
+    epsilon: float = typer.Option(0.01, "--ceiling-epsilon", help="With --ceilings: the fraction of the stage (or "
+                                  "source weight) the partial removal takes away."),
+    nudge: float = typer.Option(0.01, "--ceiling-nudge", help="With --ceilings: the random nudge of the nudged "
+                                "retraining, as a fraction of the stage's update norm."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
@@ -157,6 +161,7 @@ def validate(
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
     curvature = sc.CurvatureOptions(scheme=scheme)
+    ceilings = {"epsilon": epsilon, "nudge": nudge} if ceilings else False
     if sources:
         report = sc.validate_sources(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
                                      progress=progress)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -60,17 +60,18 @@ class ValidationReport:
 
 def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
              methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
-             curvature=None, ceilings: bool = False, progress: bool = True) -> ValidationReport:
+             curvature=None, ceilings: Union[bool, dict] = False, progress: bool = True) -> ValidationReport:
     """Compare every ``method × mode`` against the retraining ground truth, stage by stage.
 
     ``curvature``: ``CurvatureOptions`` for ``"aa-curvature"``. ``ceilings``: also
     measure how reproducible and how linear the ground truth is
     (:func:`~stagecredit.truth_ceilings`, two more retrainings per stage), which
-    says how well any estimator could agree with it.
+    says how well any estimator could agree with it; a dict passes its settings
+    (``{"epsilon": 0.1, "nudge": 0.01}``).
     """
     truth = retrain_effects(run, behaviour, progress=progress)
     forward_seconds = _forward_seconds(run, behaviour)
-    bounds = truth_ceilings(run, behaviour, truth=truth, progress=progress) if ceilings else None
+    bounds = _ceilings(run, behaviour, truth, ceilings, sources=False, progress=progress)
 
     attributions = [attribute(run, behaviour, method=method, mode=mode, curvature=curvature, progress=progress)
                     for method in methods for mode in modes]
@@ -80,22 +81,34 @@ def validate(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
 
 def validate_sources(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor],
                      methods: Sequence[str] = ("delta", "aa"), modes: Sequence[str] = MODES, *,
-                     curvature=None, ceilings: bool = False, progress: bool = True) -> ValidationReport:
+                     curvature=None, ceilings: Union[bool, dict] = False,
+                     progress: bool = True) -> ValidationReport:
     """Like :func:`validate`, one row per ``"stage/source"``: estimates against retraining without that source.
 
     ``ceilings``: also measure the truth's reproducibility and linearity per source
-    (:func:`~stagecredit.truth_ceilings` with ``sources=True``).
+    (:func:`~stagecredit.truth_ceilings` with ``sources=True``); a dict passes its settings.
     """
     from stagecredit.estimators.sources import attribute_sources
     from stagecredit.validation.retrain import retrain_source_effects
 
     truth = retrain_source_effects(run, behaviour, progress=progress)
     forward_seconds = _forward_seconds(run, behaviour)
-    bounds = truth_ceilings(run, behaviour, sources=True, truth=truth, progress=progress) if ceilings else None
+    bounds = _ceilings(run, behaviour, truth, ceilings, sources=True, progress=progress)
     attributions = [attribute_sources(run, behaviour, method=method, mode=mode, curvature=curvature,
                                       progress=progress) for method in methods for mode in modes]
     return ValidationReport(behaviour_name(behaviour), comparison_rows(truth, attributions, bounds), truth,
                             attributions, forward_seconds, bounds)
+
+
+def _ceilings(run: Run, behaviour, truth: Attribution, ceilings: Union[bool, dict], *, sources: bool,
+              progress: bool) -> Optional[TruthCeilings]:
+    if not ceilings:
+        return None
+    settings = ceilings if isinstance(ceilings, dict) else {}
+    unknown = set(settings) - {"epsilon", "nudge"}
+    if unknown:
+        raise ValueError(f"ceilings settings are 'epsilon' and 'nudge'; got {sorted(unknown)}")
+    return truth_ceilings(run, behaviour, sources=sources, truth=truth, progress=progress, **settings)
 
 
 def _forward_seconds(run: Run, behaviour) -> float:
