@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from stagecredit.estimators.attribute import Attribution
+from stagecredit.estimators.embedding import stage_delta
 from stagecredit.estimators.optimizers import carried_state_source, counterfactual_state_source
 from stagecredit.progress import progress_bar
 from stagecredit.storage.run import Run
@@ -113,10 +114,6 @@ class TruthCeilings:
         }
 
 
-def _float(t: torch.Tensor) -> bool:
-    return torch.is_floating_point(t)
-
-
 def _norm(tensors) -> float:
     return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors)))
 
@@ -130,7 +127,8 @@ def partial_removal_start(run: Run, k: int, epsilon: float):
     removal starts the optimizer fresh); step counters stay as recorded.
     """
     before, after = run.checkpoint(k - 1), run.checkpoint(k)
-    start = {n: after[n] + epsilon * (before[n] - after[n]) if _float(after[n]) else after[n] for n in after}
+    start = {n: after[n] + epsilon * (before[n] - after[n]) if torch.is_floating_point(after[n]) else after[n]
+             for n in after}
     if k == run.num_stages or carried_state_source(run, k + 1) is None:
         return start, None, None
     recorded = run.optimizer_state(k)
@@ -138,7 +136,7 @@ def partial_removal_start(run: Run, k: int, epsilon: float):
     target = run.optimizer_state(source) if source is not None else {}
     carried = {}
     for key, value in recorded.items():
-        if key.endswith("/step") or not _float(value):
+        if key.endswith("/step") or not torch.is_floating_point(value):
             carried[key] = value
         else:
             other = target.get(key, torch.zeros_like(value))
@@ -149,8 +147,7 @@ def partial_removal_start(run: Run, k: int, epsilon: float):
 def _nudged(run: Run, k: int, start: dict[str, torch.Tensor], nudge: float, seed: int) -> dict[str, torch.Tensor]:
     """``start`` plus a random parameter nudge of norm ``nudge · ‖Δ_k‖`` (deterministic in ``seed``)."""
     names = run.parameter_names
-    before, after = run.checkpoint(k - 1), run.checkpoint(k)
-    scale = nudge * _norm(after[n] - before[n] for n in names)
+    scale = nudge * _norm(stage_delta(run, k).values())
     generator = torch.Generator().manual_seed(seed)
     noise = {n: torch.randn(start[n].shape, generator=generator, dtype=torch.float64) for n in names}
     factor = scale / max(_norm(noise.values()), 1e-300)
