@@ -45,3 +45,13 @@ def test_group_loss_linear_mode_equals_mean_of_per_example_effects(toy_run, grou
     per_group = sc.attribute(toy_run, sc.group_loss(data, groups), method="aa", mode="linear").effects
     expected = np.stack([per_example[:, groups.numpy() == g].mean(1) for g in range(3)], axis=1)
     np.testing.assert_allclose(per_group, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_collate_of_a_contiguous_range_equals_indexing():
+    from stagecredit.recording.batches import collate
+
+    X, y = toy_data(n=20, seed=3)
+    for data in [(X, y), torch.utils.data.TensorDataset(X, y)]:
+        sliced = collate(data, range(4, 13))
+        indexed = collate(data, torch.arange(4, 13))
+        assert all(torch.equal(a, b) for a, b in zip(sliced, indexed))

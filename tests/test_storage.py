@@ -160,7 +160,8 @@ def test_every_tensor_file_is_safetensors_and_nothing_is_pickled(recorded):
     files = sorted(p for p in path.rglob("*") if p.is_file())
     rel = {str(p.relative_to(path)) for p in files}
     expected = set(CHECKPOINTS) | {"run.json"} | {
-        f"stages/{k:02d}_{n}/{f}" for k, n in enumerate(STAGES, start=1) for f in ("steps.json", "optimizer.safetensors")
+        f"stages/{k:02d}_{n}/{f}" for k, n in enumerate(STAGES, start=1)
+        for f in ("steps.json", "optimizer.safetensors", "batches.safetensors")
     }
     assert rel == expected  # no .pt / .pkl / leftover temporary files
     for p in files:
@@ -194,7 +195,9 @@ def test_json_records_hold_per_step_hyperparameters_and_batches(recorded):
         assert log["seed"] == stage.seed
         n = len(stage.data[0])
         expected = minibatch_indices(n, stage.steps, stage.batch_size, stage.seed)
-        assert torch.equal(torch.tensor(log["batch_indices"]), expected)
+        assert "batch_indices" not in log  # binary, beside it
+        on_disk = load_file(path / f"stages/{pipe.stages.index(stage) + 1:02d}_{stage.name}/batches.safetensors")
+        assert torch.equal(on_disk["batch_indices"], expected)
         assert len(log["steps"]) == stage.steps
         assert all(math.isfinite(s["loss"]) and s["loss"] > 0 for s in log["steps"])
 
@@ -213,7 +216,28 @@ def test_json_records_hold_per_step_hyperparameters_and_batches(recorded):
     assert {(g["momentum"], g["weight_decay"], g["nesterov"]) for g in adapt} == {(0.8, 0.05, True)}
     # what the Run API hands back is what is on disk
     assert run.steps(2) == finetune
-    assert torch.equal(run.batch_indices(3), torch.tensor(logs[2]["batch_indices"]))
+    assert torch.equal(run.batch_indices(3), load_file(path / "stages/03_adapt/batches.safetensors")["batch_indices"])
+
+
+def test_a_run_in_format_1_still_loads_with_its_minibatch_indices(recorded, tmp_path, toy_behaviour):
+    """Format 1 kept the minibatch indices inside steps.json."""
+    run, path = recorded
+    old = tmp_path / "format-1"
+    shutil.copytree(path, old)
+    manifest = json.loads((old / "run.json").read_text())
+    manifest["format"] = "stagecredit.run/1"
+    for k, entry in enumerate(manifest["stages"], start=1):
+        batches = old / entry.pop("batches")["path"]
+        log = json.loads((old / entry["steps_file"]).read_text())
+        log["batch_indices"] = load_file(batches)["batch_indices"].tolist()
+        (old / entry["steps_file"]).write_text(json.dumps(log))
+        batches.unlink()
+    (old / "run.json").write_text(json.dumps(manifest))
+    loaded = sc.Run.load(old, pipeline=three_stage_pipeline())
+    for k in range(1, 4):
+        assert torch.equal(loaded.batch_indices(k), run.batch_indices(k))
+    np.testing.assert_allclose(sc.retrain_effects(loaded, toy_behaviour, progress=False).effects,
+                               sc.retrain_effects(run, toy_behaviour, progress=False).effects)
 
 
 def test_recording_over_an_existing_run_needs_overwrite(recorded, tmp_path):

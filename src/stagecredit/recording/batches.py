@@ -34,7 +34,10 @@ def minibatch_indices(n: int, steps: int, batch_size: int, seed: int) -> torch.T
 
 
 def collate(data: Any, indices: Sequence[int] | torch.Tensor) -> Any:
-    """The batch of ``data`` at ``indices``; tensors are indexed directly."""
+    """The batch of ``data`` at ``indices``; tensors are indexed directly (a contiguous range is a view)."""
+    if isinstance(indices, range) and indices.step == 1 and isinstance(data, (tuple, list, TensorDataset)):
+        tensors = data.tensors if isinstance(data, TensorDataset) else data
+        return tuple(t[indices.start:indices.stop] for t in tensors)
     index = torch.as_tensor(indices, dtype=torch.long)
     if isinstance(data, (tuple, list)):
         return tuple(t[index] for t in data)

@@ -32,7 +32,9 @@ import torch
 from stagecredit.storage.atomic import atomic_save_tensors, atomic_write_json
 from stagecredit.storage.tensor_files import RunFileError, load_tensors
 
-FORMAT = "stagecredit.run/1"
+FORMAT = "stagecredit.run/2"
+# format 1 kept the minibatch indices in steps.json; runs written by it still load
+READABLE_FORMATS = ("stagecredit.run/1", FORMAT)
 
 
 def _stage_dir(k: int, name: str) -> str:
@@ -72,10 +74,12 @@ class RunWriter:
         folder = f"stages/{_stage_dir(k, stage.name)}"
         optimizer_rel = f"{folder}/optimizer.safetensors"
         steps_rel = f"{folder}/steps.json"
-        atomic_write_json(
-            self.path / steps_rel,
-            {"seed": stage.seed, "batch_indices": None if batches is None else batches.tolist(), "steps": result.steps},
-        )
+        atomic_write_json(self.path / steps_rel, {"seed": stage.seed, "steps": result.steps})
+        batches_entry = None
+        if batches is not None:  # binary: a long stage's indices would make steps.json slow to parse
+            batches_rel = f"{folder}/batches.safetensors"
+            batches_entry = {"path": batches_rel, "sha256": atomic_save_tensors(
+                self.path / batches_rel, {"batch_indices": torch.as_tensor(batches, dtype=torch.long)})}
         return {
             "name": stage.name,
             "steps": stage.steps,
@@ -89,6 +93,7 @@ class RunWriter:
             "checkpoint": self.write_checkpoint(k, stage.name, state_dict),
             "optimizer_state": {"path": optimizer_rel, "sha256": atomic_save_tensors(self.path / optimizer_rel, result.optimizer_state)},
             "steps_file": steps_rel,
+            "batches": batches_entry,
             "inner_checkpoints": inner or [],
             "external": bool(getattr(stage, "external", False)),
             "sources": self._sources_entry(folder, stage, source_tangents),
@@ -164,8 +169,9 @@ class Run:
             manifest = json.loads(manifest_path.read_text())
         except json.JSONDecodeError as exc:
             raise RunFileError(f"corrupted run file: {manifest_path} is not valid JSON ({exc})") from exc
-        if manifest.get("format") != FORMAT:
-            raise RunFileError(f"{manifest_path}: unknown format {manifest.get('format')!r}, expected {FORMAT!r}")
+        if manifest.get("format") not in READABLE_FORMATS:
+            raise RunFileError(f"{manifest_path}: unknown format {manifest.get('format')!r}, expected one of "
+                               f"{', '.join(map(repr, READABLE_FORMATS))}")
         return cls(path, manifest, pipeline)
 
     def _check_pipeline(self, pipeline) -> None:
@@ -294,7 +300,11 @@ class Run:
         return self.step_log(k)["steps"]
 
     def batch_indices(self, k: int) -> torch.Tensor:
-        indices = self.step_log(k)["batch_indices"]
+        """The minibatch indices of stage k, ``[steps, batch_size]``."""
+        entry = self._entry(k)
+        if entry.get("batches") is not None:
+            return self._load(entry["batches"])["batch_indices"]
+        indices = None if "batches" in entry else self.step_log(k).get("batch_indices")  # format 1: in steps.json
         if indices is None:
             raise RunFileError(
                 f"stage {self.stages[k - 1]!r} was recorded without minibatch indices (pass them with rec.batch()); "
