@@ -30,9 +30,10 @@ def ce(model, batch):
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-def mnist_demo():
+def mnist_demo(scale: float = 1.0):
+    """The demo's pipeline; ``scale`` multiplies every stage's steps (``benchmarks/cost_scaling.py``)."""
     data = mnist.make_data()
-    return mnist.build_pipeline(data), sc.PerExampleLoss(data.test, mnist.cross_entropy, name="MNIST test loss (nats)")
+    return mnist.build_pipeline(data, scale), sc.PerExampleLoss(data.test, mnist.cross_entropy, name="MNIST test loss (nats)")
 
 
 def digits_adam_l2_then_sgd():

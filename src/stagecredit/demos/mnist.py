@@ -111,7 +111,7 @@ def warmup_then_decay(total: int, warmup: int):
 
 
 def build_pipeline(data: MnistDemoData | None = None, scale: float = 1.0) -> sc.Pipeline:
-    """Three stages with different optimizers and schedules; ``scale`` shortens every stage."""
+    """Three stages with different optimizers and schedules; ``scale`` multiplies every stage's steps (at least 10)."""
     data = data or make_data()
     pre_steps, fine_steps, adapt_steps = (max(10, int(s * scale)) for s in (400, 200, 200))
     return sc.Pipeline(

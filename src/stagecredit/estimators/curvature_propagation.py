@@ -91,8 +91,8 @@ class CurvatureOptions:
     the default segments 0.615–1.000, and against retraining the replay is
     the better on every digits stage but the last (where they are equal).
     Segments stay the default because they cost less: the replay takes
-    4.1–6.7× as long as segments on the small benchmark pipelines and 2.4× on a
-    compute-bound 1.9M-parameter MLP, and 3.9–9.8× as long as retraining
+    3.9–4.7× as long as segments on the small benchmark pipelines and 2.2× on a
+    compute-bound 1.9M-parameter MLP, and 2.7–12.0× as long as retraining
     (``benchmarks/cost.py``, linear mode).
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are

@@ -1,0 +1,66 @@
+"""How the cost ratios scale with training length: the MNIST demo with every stage's steps × 1, 4 and 16.
+
+    python benchmarks/cost_scaling.py [--scales 1 4 16]
+
+Retraining without a stage and ``aa-curvature`` both work through every step
+of the later stages, so their ratio should stay flat as training grows; ``aa``
+touches only the stage boundaries and the recorded schedule, plus one scoring
+pass over the evaluation set, so its ratio should grow with training length.
+Each phase is timed as in ``benchmarks/cost.py``: the median of up to three warm
+calls in a fresh child process (fewer once they have taken 10 s), cached embeddings and
+checkpoints cleared. Writes
+benchmarks/results/cost_scaling.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+from common import write_results
+from cost import measure
+from pipelines import mnist_demo
+
+from stagecredit.reports.tables import Table
+
+PHASES = ["forward", "aa/linear", "aa/model", "aa-curvature/linear", "retrain"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=float, nargs="+", default=[1, 4, 16])
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale in args.scales:
+            pipe, _ = mnist_demo(scale)
+            run_dir = str(Path(tmp) / f"scale-{scale:g}")
+            start = time.perf_counter()
+            pipe.run(run_dir, progress=False)
+            record_s = time.perf_counter() - start
+            seconds = {phase: measure("mnist-demo", run_dir, phase, scale=scale)[0] for phase in PHASES}
+            steps = [stage.steps for stage in pipe.stages]
+            row = {"scale": scale, "steps": steps, "record_seconds": record_s, "seconds": seconds,
+                   "retrain_over": {p: seconds["retrain"] / s for p, s in seconds.items()}}
+            rows.append(row)
+            print(row, flush=True)
+    ratio = lambda r, p: f"{r['seconds'][p]:.4f} s ({r['retrain_over'][p]:.1f}×)"  # noqa: E731
+    table = Table(
+        title="mnist-demo with every stage's steps scaled: seconds (retraining ÷ this)",
+        columns=["steps ×", "steps per stage", "recording s", "retraining s", "aa linear", "aa model",
+                 "aa-curvature (segments) linear", "forward pass s"],
+        rows=[[f"{r['scale']:g}", " / ".join(map(str, r["steps"])), f"{r['record_seconds']:.1f}",
+               f"{r['seconds']['retrain']:.3f}", ratio(r, "aa/linear"), ratio(r, "aa/model"),
+               ratio(r, "aa-curvature/linear"), f"{r['seconds']['forward']:.4f}"] for r in rows],
+        note="retraining = retraining without each stage in turn (ground truth); all ratios from this one run. "
+             "The evaluation set (the demo's test set) stays the same size at every scale.",
+    )
+    table.print()
+    write_results("cost_scaling", None, {"rows": rows}, [table],
+                  extra_args=[f"--scales {' '.join(f'{s:g}' for s in args.scales)}"])
+
+
+if __name__ == "__main__":
+    main()
