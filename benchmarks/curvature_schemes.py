@@ -5,7 +5,8 @@
 For every pipeline of benchmarks/pipelines.py: Pearson r per stage (linear and
 model mode) and seconds for `aa`, the per-step replay (with the Hessian, its
 default, and the GGN; ``scheme="auto"`` equals it when every stage replays bit
-for bit) and segment schemes of several lengths, Krylov sizes and curvature samples,
+for bit), the replay for Adam stages only (``scheme="adam-replay"``) and segment
+schemes of several lengths, Krylov sizes and curvature samples,
 with the retraining time from the same run. One variant runs on the same
 pipeline recorded with a checkpoint every 10 steps instead of 50, so its
 segments start from fresh parameters. A second table scores the linear
@@ -37,6 +38,7 @@ VARIANTS = {
     "replay, Hessian (exact, auto)": C.exact(),
     "replay, GGN": C.exact("ggn"),
     "segments 50, k5, 8 batches (default)": C(),
+    "replay in Adam stages, default segments in SGD ones (adam-replay)": C(scheme="adam-replay"),
     "segments 50, k5, 8 batches, Hessian": C(curvature="hessian"),
     "segments 50, k3, 2 batches (fast)": C.fast(),
     "segments 50, k10, all batches (thorough)": C.thorough(),

@@ -240,6 +240,28 @@ def test_auto_equals_segments_when_no_stage_replays(toy_run, toy_behaviour, monk
     np.testing.assert_array_equal(auto.effects, segments.effects)
 
 
+def test_adam_replay_replays_the_adam_stage_and_uses_segments_for_the_sgd_one(toy_run, toy_behaviour, monkeypatch):
+    from stagecredit.estimators import curvature_propagation as cp
+
+    used = []
+    for name in ("_exact_stage", "_segments_stage"):
+        original = getattr(cp, name)
+
+        def spy(run, j, *args, _original=original, _name=name):
+            used.append((_name, run.stages[j - 1]))
+            return _original(run, j, *args)
+
+        monkeypatch.setattr(cp, name, spy)
+    mixed = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear", curvature=C(scheme="adam-replay"),
+                         progress=False)
+    assert used == [("_exact_stage", "finetune"), ("_segments_stage", "adapt")]  # AdamW, then SGD
+    # finetune's perturbation only crosses adapt, an SGD stage: exactly the segments' result
+    segments = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear", curvature=C(), progress=False)
+    np.testing.assert_array_equal(mixed.effects[1:], segments.effects[1:])
+    # pretrain's crosses the replayed AdamW stage: not the segments' result
+    assert np.abs(mixed.effects[0] - segments.effects[0]).max() > 1e-6
+
+
 def test_default_curvature_is_the_hessian_in_replays_and_the_ggn_elsewhere():
     assert C.exact().curvature_for("replay") == "hessian"
     assert C().curvature_for("segments") == "ggn" and C().curvature_for("source") == "ggn"

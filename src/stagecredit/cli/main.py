@@ -96,7 +96,7 @@ def attribute(
     method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
                                "replay, the reference) | auto (the replay, segments for a stage that does not replay "
-                               "bit for bit)."),
+                               "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     sources: bool = typer.Option(False, "--sources", help="Attribute to every named data source of every stage "
                                  "instead of to the stages."),
@@ -133,7 +133,7 @@ def validate(
                                       help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
                                "replay, the reference) | auto (the replay, segments for a stage that does not replay "
-                               "bit for bit)."),
+                               "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
