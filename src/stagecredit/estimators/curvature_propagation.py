@@ -6,7 +6,8 @@ together through one pass over the later stages (a batch of tangents).
 
 The fidelity/cost knob (:class:`CurvatureOptions`) chooses between two schemes
 (``"auto"`` uses the replay and falls back to segments for a stage that does
-not replay bit-identically):
+not replay bit-identically; ``"adam-replay"`` replays Adam stages and uses
+segments for SGD ones):
 
 * ``"exact"`` — the reference: replay each later stage from its recorded start
   (bit-identical to the recorded run) and apply every step's linearised update
