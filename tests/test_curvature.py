@@ -61,6 +61,46 @@ def test_ggn_product_matches_explicit_gauss_newton():
     assert torch.linalg.eigvalsh(G).min() > -1e-10
 
 
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_products_without_a_batching_rule_fall_back_to_one_row_at_a_time(curvature, monkeypatch):
+    model, batch = _tiny()
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    V = torch.randn(3, sum(flat.sizes), dtype=torch.float64)
+    batched = curvature_product(model, ce_loss, batch, params, flat, curvature)(V)
+    real_grad = torch.autograd.grad
+
+    def no_batching_rule(*args, is_grads_batched=False, **kwargs):
+        if is_grads_batched:
+            raise RuntimeError("Batching rule not implemented")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
+    torch.testing.assert_close(curvature_product(model, ce_loss, batch, params, flat, curvature)(V), batched)
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_parameters_the_loss_does_not_curve_get_zero_rows(curvature):
+    # the head's bias enters the logits linearly and "unused" not at all: no curvature through either
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    model.unused = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
+    X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
+
+    def mean_output(m, batch):  # linear in the output: the GGN is zero, the Hessian is the network's own
+        return m(batch[0]).squeeze(1)
+
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    p0 = flat.flatten({n: p.detach() for n, p in params.items()})
+    V = torch.randn(2, p0.numel(), dtype=torch.float64)
+    product = curvature_product(model, mean_output, (X, y), params, flat, curvature)(V)
+    f = lambda v: torch.func.functional_call(model, flat.unflatten(v), (X,)).mean()  # noqa: E731
+    H = torch.autograd.functional.hessian(f, p0) if curvature == "hessian" else torch.zeros(p0.numel(), p0.numel())
+    torch.testing.assert_close(product, V @ H.T.to(V.dtype), rtol=1e-8, atol=1e-10)
+    assert flat.unflatten(product)["unused"].abs().max() == 0
+
+
 def test_ggn_refuses_a_loss_that_calls_the_model_twice():
     model, batch = _tiny()
     params = dict(model.named_parameters())

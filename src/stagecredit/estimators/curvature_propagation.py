@@ -44,7 +44,7 @@ import torch
 
 from stagecredit.estimators.curvature import CURVATURES, FlatParams, curvature_product
 from stagecredit.estimators.embedding import StageEmbedding, initial_perturbation
-from stagecredit.estimators.krylov import krylov_function_apply, lanczos
+from stagecredit.estimators.krylov import krylov_functions_apply, lanczos
 from stagecredit.estimators.optimizers import (
     STATE_KEY,
     UnsupportedOptimizerError,
@@ -91,7 +91,7 @@ class CurvatureOptions:
       tracks each tangent's counterfactual moments. On the 5-stage digits
       pipeline it scores 0.944 / 0.912 / 0.982 against retraining on the
       middle stages (linear; segments 0.934 / 0.897 / 0.943, the replay
-      0.990 / 0.947 / 0.982) in 69% of the replay's time
+      0.990 / 0.947 / 0.982) in 65% of the replay's time
       (``benchmarks/curvature_schemes.py``).
 
     Evidence (``benchmarks/curvature_schemes.py``): against removing 1% of a
@@ -100,8 +100,8 @@ class CurvatureOptions:
     the default segments 0.615–1.000, and against retraining the replay is
     the better on every digits stage but the last (where they are equal).
     Segments stay the default because they cost less: the replay takes
-    3.9–4.7× as long as segments on the small benchmark pipelines and 2.2× on a
-    compute-bound 1.9M-parameter MLP, and 2.7–12.0× as long as retraining
+    5.8–6.3× as long as segments on the small benchmark pipelines and 2.6× on a
+    compute-bound 1.9M-parameter MLP, and 1.8–4.0× as long as retraining
     (``benchmarks/cost.py``, linear mode).
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
@@ -508,13 +508,13 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             ts, ss = propagate_through_stage(zero, one, reference, 0, kind, fresh=first, hvp_at=hvp_at)
             return cap_growth(tt, ts, st, ss)
 
-        basis_u = lanczos(operator, u, options.krylov_dim)
-        new_u = krylov_function_apply(*basis_u, lambda r: scalar_maps(r)[0])
-        new_w = krylov_function_apply(*basis_u, lambda r: scalar_maps(r)[2])
+        # δθ ← T_θθ(A) δθ + T_θs(A) δs, δs ← T_sθ(A) δθ + T_ss(A) δs (scaled), one eigendecomposition per basis
+        new_u, new_w = krylov_functions_apply(*lanczos(operator, u, options.krylov_dim),
+                                              lambda r: scalar_maps(r)[0::2])
         if not first and bool((w != 0).any()):
-            basis_w = lanczos(operator, w, options.krylov_dim)
-            new_u = new_u + krylov_function_apply(*basis_w, lambda r: scalar_maps(r)[1])
-            new_w = new_w + krylov_function_apply(*basis_w, lambda r: scalar_maps(r)[3])
+            from_u, from_w = krylov_functions_apply(*lanczos(operator, w, options.krylov_dim),
+                                                    lambda r: scalar_maps(r)[1::2])
+            new_u, new_w = new_u + from_u, new_w + from_w
         theta, buf = S * new_u, new_w / S
         for _ in range(b - a):
             advance()

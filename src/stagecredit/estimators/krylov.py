@@ -51,7 +51,15 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tenso
 def krylov_function_apply(norms: torch.Tensor, Q: torch.Tensor, T: torch.Tensor,
                           scalar_fn: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """``f(A) v`` for every vector given ``scalar_fn(ritz_values [B, m]) -> f [B, m]``."""
+    return krylov_functions_apply(norms, Q, T, lambda theta: (scalar_fn(theta),))[0]
+
+
+def krylov_functions_apply(norms: torch.Tensor, Q: torch.Tensor, T: torch.Tensor,
+                           scalar_fns: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]) -> list[torch.Tensor]:
+    """``[f₁(A) v, f₂(A) v, …]`` from one eigendecomposition, ``scalar_fns(ritz) -> (f₁, f₂, …)``."""
     theta, U = torch.linalg.eigh(T)  # [B, m], [B, m, m]
-    f = scalar_fn(theta)
-    coeffs = U @ (f * U[:, 0, :]).unsqueeze(-1)  # [B, m, 1] = U f(Θ) Uᵀ e1
-    return norms[:, None] * torch.einsum("bm,bmn->bn", coeffs.squeeze(-1).to(Q.dtype), Q)
+    out = []
+    for f in scalar_fns(theta):
+        coeffs = U @ (f * U[:, 0, :]).unsqueeze(-1)  # [B, m, 1] = U f(Θ) Uᵀ e1
+        out.append(norms[:, None] * torch.einsum("bm,bmn->bn", coeffs.squeeze(-1).to(Q.dtype), Q))
+    return out
