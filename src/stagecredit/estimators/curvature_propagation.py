@@ -86,13 +86,11 @@ class CurvatureOptions:
       reproduce its recorded checkpoint (nondeterministic kernels, or data
       changed since recording).
     * ``"adam-replay"``: the replay (with ``"auto"``'s fallback) for later Adam
-      and AdamW stages, segments for SGD ones. Segments freeze Adam's second
-      moment along the perturbation, which is where they lose most; the replay
-      tracks each tangent's counterfactual moments. On the 5-stage digits
-      pipeline it scores 0.944 / 0.912 / 0.982 against retraining on the
-      middle stages (linear; segments 0.934 / 0.897 / 0.943, the replay
-      0.990 / 0.947 / 0.982) in 65% of the replay's time
-      (``benchmarks/curvature_schemes.py``).
+      and AdamW stages (tracking each tangent's counterfactual Adam moments),
+      segments for SGD ones. On the 5-stage digits pipeline it scores
+      0.944 / 0.912 / 0.982 against retraining on the middle stages (linear;
+      segments 0.934 / 0.897 / 0.943, the replay 0.990 / 0.947 / 0.982) in 65%
+      of the replay's time (``benchmarks/curvature_schemes.py``).
 
     Evidence (``benchmarks/curvature_schemes.py``): against removing 1% of a
     stage, which is what a first-order estimate approximates, the replay (with
