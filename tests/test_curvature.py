@@ -69,14 +69,17 @@ def test_products_without_a_batching_rule_fall_back_to_one_row_at_a_time(curvatu
     V = torch.randn(3, sum(flat.sizes), dtype=torch.float64)
     batched = curvature_product(model, ce_loss, batch, params, flat, curvature)(V)
     real_grad = torch.autograd.grad
+    refused = []
 
     def no_batching_rule(*args, is_grads_batched=False, **kwargs):
         if is_grads_batched:
+            refused.append(1)
             raise RuntimeError("Batching rule not implemented")
         return real_grad(*args, **kwargs)
 
     monkeypatch.setattr(torch.autograd, "grad", no_batching_rule)
     torch.testing.assert_close(curvature_product(model, ce_loss, batch, params, flat, curvature)(V), batched)
+    assert refused  # the batched pull was tried and the rows were pulled one at a time
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
