@@ -104,6 +104,44 @@ def test_parameters_the_loss_does_not_curve_get_zero_rows(curvature):
     assert flat.unflatten(product)["unused"].abs().max() == 0
 
 
+class _Attention(torch.nn.Module):
+    """One self-attention layer through ``F.scaled_dot_product_attention``, whose fused CPU kernel has no
+    second (nor forward-mode) derivative."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(4, 12)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return self.head(torch.nn.functional.scaled_dot_product_attention(q, k, v).squeeze(1).mean(1))
+
+
+def test_products_and_linear_scores_differentiate_through_fused_attention():
+    torch.manual_seed(5)
+    model = _Attention()  # float32: the fused kernel is what runs by default here
+    X, y = torch.randn(6, 5, 4), torch.randint(0, 3, (6,))
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    p0 = flat.flatten({n: p.detach() for n, p in params.items()})
+    V = torch.randn(2, p0.numel())
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        H = torch.autograd.functional.hessian(_flat_loss(model, flat, (X, y)), p0)
+    product = curvature_product(model, ce_loss, (X, y), params, flat, "hessian")
+    torch.testing.assert_close(product(V), V @ H.T, rtol=1e-4, atol=1e-5)
+    assert curvature_product(model, ce_loss, (X, y), params, flat, "ggn")(V).abs().sum() > 0
+
+    from stagecredit.behaviours.evaluate import behaviour_at, behaviour_jvp
+
+    behaviour = lambda m: torch.nn.functional.cross_entropy(m(X), y, reduction="none")  # noqa: E731
+    tangent = flat.unflatten(V[0])
+    _, derivative = behaviour_jvp(model, behaviour, {n: p.detach() for n, p in params.items()}, tangent)
+    eps = 1e-3
+    shifted = lambda sign: behaviour_at(model, behaviour, flat.unflatten(p0 + sign * eps * V[0]))  # noqa: E731
+    torch.testing.assert_close(derivative, (shifted(1) - shifted(-1)) / (2 * eps), rtol=2e-2, atol=2e-3)
+
+
 def test_ggn_refuses_a_loss_that_calls_the_model_twice():
     model, batch = _tiny()
     params = dict(model.named_parameters())

@@ -6,6 +6,7 @@ from typing import Callable, Mapping
 
 import torch
 from torch.func import functional_call, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Behaviour = Callable[[torch.nn.Module], torch.Tensor]
 
@@ -53,5 +54,6 @@ def behaviour_jvp(
     def f(*values: torch.Tensor) -> torch.Tensor:
         return functional_call(wrapper, _prefixed(dict(zip(names, values))), ())
 
-    value, derivative = jvp(f, primals, tangents)
+    with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode derivative
+        value, derivative = jvp(f, primals, tangents)
     return value.detach(), derivative.detach()

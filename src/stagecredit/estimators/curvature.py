@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CURVATURES = ("hessian", "ggn")
 
@@ -126,7 +127,8 @@ def curvature_product(
     model.eval()
     leaves = [params[n].detach().clone().requires_grad_(True) for n in flat.names]
     prefixed = {f"model.{n}": t for n, t in zip(flat.names, leaves)}
-    with torch.enable_grad():
+    # fused attention kernels have no second derivative; the math backend is made of ops that do
+    with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         if curvature == "hessian":
             loss = functional_call(_LossOf(model, loss_fn, batch), prefixed, ())
             grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
