@@ -89,7 +89,7 @@ class CurvatureOptions:
       and AdamW stages (tracking each tangent's counterfactual Adam moments),
       segments for SGD ones. On the 5-stage digits pipeline it scores
       0.944 / 0.912 / 0.982 against retraining on the middle stages (linear;
-      segments 0.934 / 0.897 / 0.943, the replay 0.990 / 0.947 / 0.982) in 65%
+      segments 0.934 / 0.897 / 0.943, the replay 0.990 / 0.947 / 0.982) in 59%
       of the replay's time (``benchmarks/curvature_schemes.py``).
 
     Evidence (``benchmarks/curvature_schemes.py``): against removing 1% of a
@@ -98,8 +98,8 @@ class CurvatureOptions:
     the default segments 0.615–1.000, and against retraining the replay is
     the better on every digits stage but the last (where they are equal).
     Segments stay the default because they cost less: the replay takes
-    5.8–6.3× as long as segments on the small benchmark pipelines and 2.6× on a
-    compute-bound 1.9M-parameter MLP, and 1.8–4.0× as long as retraining
+    4.2–6.9× as long as segments on the small benchmark pipelines and 3.1× on a
+    compute-bound 1.9M-parameter MLP, and 2.2–5.0× as long as retraining
     (``benchmarks/cost.py``, linear mode).
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
