@@ -506,13 +506,20 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             ts, ss = propagate_through_stage(zero, one, reference, 0, kind, fresh=first, hvp_at=hvp_at)
             return cap_growth(tt, ts, st, ss)
 
-        # δθ ← T_θθ(A) δθ + T_θs(A) δs, δs ← T_sθ(A) δθ + T_ss(A) δs (scaled), one eigendecomposition per basis
-        new_u, new_w = krylov_functions_apply(*lanczos(operator, u, options.krylov_dim),
-                                              lambda r: scalar_maps(r)[0::2])
-        if not first and bool((w != 0).any()):
-            from_u, from_w = krylov_functions_apply(*lanczos(operator, w, options.krylov_dim),
-                                                    lambda r: scalar_maps(r)[1::2])
-            new_u, new_w = new_u + from_u, new_w + from_w
+        # δθ ← T_θθ(A) δθ + T_θs(A) δs, δs ← T_sθ(A) δθ + T_ss(A) δs (scaled). The Krylov spaces of δθ and δs are
+        # built side by side (one product call for both, so per-call overhead is paid once) and every map comes
+        # from one eigendecomposition per basis.
+        B = u.shape[0]
+        if first or not bool((w != 0).any()):
+            new_u, new_w = krylov_functions_apply(*lanczos(operator, u, options.krylov_dim),
+                                                  lambda r: scalar_maps(r)[0::2])
+        else:
+            def from_rows(ritz: torch.Tensor):
+                tt, ts, st, ss = scalar_maps(ritz)  # rows [:B] carry δθ's basis, rows [B:] δs's
+                return torch.cat([tt[:B], ts[B:]]), torch.cat([st[:B], ss[B:]])
+
+            to_u, to_w = krylov_functions_apply(*lanczos(operator, torch.cat([u, w]), options.krylov_dim), from_rows)
+            new_u, new_w = to_u[:B] + to_u[B:], to_w[:B] + to_w[B:]
         theta, buf = S * new_u, new_w / S
         for _ in range(b - a):
             advance()
