@@ -55,3 +55,63 @@ def test_collate_of_a_contiguous_range_equals_indexing():
         sliced = collate(data, range(4, 13))
         indexed = collate(data, torch.arange(4, 13))
         assert all(torch.equal(a, b) for a, b in zip(sliced, indexed))
+
+
+def _tangents(model, count, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [{n: torch.randn(p.shape, generator=g) for n, p in model.named_parameters()} for _ in range(count)]
+
+
+def test_batched_jvps_equal_one_jvp_per_tangent_across_chunks(toy_run, grouped_data, monkeypatch):
+    from stagecredit.behaviours import evaluate
+
+    monkeypatch.setattr(evaluate, "TANGENT_CHUNK", 4)  # 10 tangents: chunks of 4, 4 and 2
+    data, groups = grouped_data
+    behaviour = sc.PerExampleLoss(data, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+    model = toy_run.build_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = _tangents(model, 10, seed=3)
+    value, derivatives = evaluate.behaviour_jvps(model, behaviour, params, tangents)
+    assert derivatives.shape == (10, 60)
+    for t, row in zip(tangents, derivatives):
+        expected_value, expected = evaluate.behaviour_jvp(model, behaviour, params, t)
+        torch.testing.assert_close(row, expected)
+        torch.testing.assert_close(value, expected_value)
+
+
+def test_batched_jvps_fall_back_to_one_tangent_at_a_time_when_vmap_cannot_batch(toy_run, grouped_data, monkeypatch):
+    from stagecredit.behaviours import evaluate
+
+    data, _ = grouped_data
+    calls = []
+
+    class Doubled(torch.autograd.Function):  # has a forward-mode rule but no vmap rule: vmap cannot batch it
+        @staticmethod
+        def forward(x):
+            return 2 * x
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def jvp(ctx, x_tangent):
+            return 2 * x_tangent
+
+        @staticmethod
+        def backward(ctx, grad):
+            return 2 * grad
+
+    def doubled_loss(model):
+        return Doubled.apply(torch.nn.functional.cross_entropy(model(data[0]), data[1], reduction="none"))
+
+    original = evaluate.behaviour_jvp
+    monkeypatch.setattr(evaluate, "behaviour_jvp", lambda *a: calls.append(1) or original(*a))
+    model = toy_run.build_model()
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    tangents = _tangents(model, 3, seed=4)
+    _, derivatives = evaluate.behaviour_jvps(model, doubled_loss, params, tangents)
+    assert len(calls) == 3  # the fallback ran, one JVP per tangent
+    plain = sc.PerExampleLoss(data, lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
+    for t, row in zip(tangents, derivatives):
+        torch.testing.assert_close(row, 2 * original(model, plain, params, t)[1])
