@@ -79,6 +79,14 @@ def validation_benchmark(name: str, doc: str, pipelines: dict, validate, row_lab
                   script=name, extra_args=[f"--curvature {args.curvature}"] if args.curvature else [])
 
 
+def reseeded(pipeline, offset: int):
+    """``pipeline`` with its initialisation seed and every stage's seed moved by ``100 × offset`` (same data)."""
+    import dataclasses
+
+    return dataclasses.replace(pipeline, seed=pipeline.seed + 100 * offset,
+                               stages=[dataclasses.replace(s, seed=s.seed + 100 * offset) for s in pipeline.stages])
+
+
 def recorded_runs(pipelines: dict, only: list[str] | None):
     """``(name, run, behaviour)`` for every selected pipeline, each recorded into a temporary folder."""
     import tempfile

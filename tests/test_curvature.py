@@ -235,28 +235,49 @@ def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_pa
     np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
 
 
-def test_segments_converge_to_the_exact_replay(tmp_path):
+@pytest.mark.parametrize("centred", [False, True])
+def test_segments_converge_to_the_exact_replay(tmp_path, centred):
     run, behaviour = _quadratic_run(tmp_path)
     exact = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
     errors = []
     for length in (16, 4, 1):
-        options = C.segments(curvature="hessian", segment_steps=length, curvature_batches=1, krylov_dim=14)
+        options = C.segments(curvature="hessian", segment_steps=length, curvature_examples=1, krylov_dim=14,
+                             centred=centred)
         seg = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
         errors.append(np.abs(seg.effects - exact.effects).max())
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 5e-5  # one step per segment, that step's own batch, full Krylov space: the exact replay
 
 
-def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path):
+@pytest.mark.parametrize("centred", [False, True])
+def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path, centred):
     run, behaviour = _quadratic_run(tmp_path, batch_size=64)  # full batch: one Hessian for every step
     truth = sc.retrain_effects(run, behaviour, progress=False)
-    options = C.segments(curvature="hessian", segment_steps=16, curvature_batches=1, krylov_dim=14)
+    options = C.segments(curvature="hessian", segment_steps=16, curvature_examples=1, krylov_dim=14, centred=centred)
     est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
     np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
 
 
+def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
+    from types import SimpleNamespace
+
+    from stagecredit.estimators.curvature_propagation import _segment_bounds
+
+    def run_with(steps, inner):
+        return SimpleNamespace(stage_records=[None, SimpleNamespace(steps=steps)],
+                               inner_checkpoint_steps=lambda j: inner)
+
+    long, short, bare = run_with(150, [50, 100]), run_with(80, [50]), run_with(30, [])
+    assert _segment_bounds(long, 2, C(centred=False)) == [(0, 50, 0), (50, 100, 50), (100, 150, 100)]
+    # centred: cut halfway between recorded points, each segment frozen at the point in its middle (150: the end)
+    assert _segment_bounds(long, 2, C(centred=True)) == [(0, 25, 0), (25, 75, 50), (75, 125, 100), (125, 150, 150)]
+    assert _segment_bounds(short, 2, C(centred=True)) == [(0, 25, 0), (25, 75, 50), (75, 80, 80)]
+    assert _segment_bounds(bare, 2, C(centred=True)) == [(0, 15, 0), (15, 30, 30)]
+    assert _segment_bounds(long, 2, C(centred=True, segment_steps=100)) == [(0, 50, 0), (50, 150, 100)]
+
+
 @pytest.mark.parametrize("name", sorted(SGD_ADAMW_SCHEDULES))
-@pytest.mark.parametrize("scheme", ["exact", "segments"])
+@pytest.mark.parametrize("scheme", ["exact", "segments", "segments-start"])
 def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy_behaviour, name, scheme):
     first, later = SGD_ADAMW_SCHEDULES[name]
     X, y = toy_data()
@@ -265,7 +286,8 @@ def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy
         stages.append(sc.Stage(f"s{i}", (X, y), zero_loss, opt, steps=17, batch_size=16, seed=i, scheduler=sched))
     run = sc.Pipeline(make_mlp, stages, checkpoint_every=5).run(tmp_path / "r", progress=False)
     truth = sc.retrain_effects(run, toy_behaviour, progress=False)
-    est = sc.attribute(run, toy_behaviour, "aa-curvature", "model", curvature=C(scheme=scheme), progress=False)
+    options = C(scheme="segments", centred=False) if scheme == "segments-start" else C(scheme=scheme)
+    est = sc.attribute(run, toy_behaviour, "aa-curvature", "model", curvature=options, progress=False)
     np.testing.assert_allclose(est.effects, truth.effects, atol=2e-5, rtol=1e-4)
 
 
@@ -351,7 +373,8 @@ def test_default_curvature_is_the_hessian_in_replays_and_the_ggn_elsewhere():
 
 
 def test_options_are_validated():
-    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"krylov_dim": 0}):
+    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"krylov_dim": 0},
+                {"curvature_examples": 0}):
         with pytest.raises(ValueError):
             C(**bad)
 

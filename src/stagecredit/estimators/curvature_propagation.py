@@ -14,10 +14,10 @@ segments for SGD ones):
   with ``C_s`` at that step's parameters on that step's minibatch, and Adam's
   preconditioner from that step's second moment. Costs about one training
   pass over the later stages plus one curvature product per tangent per step.
-* ``"segments"`` (default) — cut each stage into segments; within a segment freeze the
-  curvature ``C̄`` at the recorded checkpoint entering it, averaged over a few of
-  the segment's recorded minibatches, and Adam's preconditioner at that
-  checkpoint. The segment's steps are then polynomials in one symmetric
+* ``"segments"`` (default) — cut each stage into segments centred on its recorded
+  checkpoints; within a segment freeze the curvature ``C̄`` at the checkpoint in
+  its middle, averaged over a few hundred examples from the segment's recorded
+  minibatches, and Adam's preconditioner. The segment's steps are then polynomials in one symmetric
   operator ``A = S (C̄ + Λ) S`` (``S²``: per-group learning-rate ratios times
   Adam's preconditioner, ``Λ``: coupled weight decay), so the whole segment is
   applied as ``f(A) v`` by Lanczos with ``krylov_dim`` products per tangent: the
@@ -77,8 +77,8 @@ class CurvatureOptions:
 
     ``scheme``:
 
-    * ``"segments"`` (default): frozen curvature per segment between recorded
-      checkpoints, the cheaper knob.
+    * ``"segments"`` (default): frozen curvature per segment around recorded
+      checkpoints, the cheaper knob on small models.
     * ``"exact"``: the per-step replay, the reference; a stage that does not
       replay bit for bit is an error.
     * ``"auto"``: the per-step replay for every later stage, falling back to
@@ -87,41 +87,45 @@ class CurvatureOptions:
       changed since recording).
     * ``"adam-replay"``: the replay (with ``"auto"``'s fallback) for later Adam
       and AdamW stages (tracking each tangent's counterfactual Adam moments),
-      segments for SGD ones. On the 5-stage digits pipeline it scores
-      0.944 / 0.912 / 0.982 against retraining on the middle stages (linear;
-      segments 0.934 / 0.897 / 0.943, the replay 0.990 / 0.947 / 0.982) in 59%
-      of the replay's time (``benchmarks/curvature_schemes.py``).
+      segments for SGD ones.
 
-    Evidence (``benchmarks/curvature_schemes.py``): against removing 1% of a
-    stage, which is what a first-order estimate approximates, the replay (with
-    the Hessian) scores 0.985–1.000 on every stage of the digits pipelines and
-    the default segments 0.615–1.000, and against retraining the replay is
-    the better on every digits stage but the last (where they are equal).
-    Segments stay the default because they cost less: the replay takes
-    4.2–6.9× as long as segments on the small benchmark pipelines and 3.1× on a
-    compute-bound 1.9M-parameter MLP, and 2.2–5.0× as long as retraining
-    (``benchmarks/cost.py``, linear mode).
+    Evidence (``benchmarks/curvature_schemes.py``: Pearson r against
+    retraining, linear mode, mean over five seeds of each pipeline): the
+    default segments average 0.965 / 0.899 / 0.980 on the 5-stage digits
+    pipeline's s2–s4 and 0.745 on digits-adam's pretrain; segments starting at
+    the checkpoints with 256 examples (the former default) 0.925 / 0.864 /
+    0.963 and 0.669; ``adam-replay`` 0.971 / 0.910 / 0.982 and 0.745; the
+    replay 0.989 / 0.935 / 0.982 and 0.851; ``aa`` 0.486 / 0.546 / 0.896 and
+    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.2141 s and
+    the replay 1.3211 s on 5-stage (retraining 0.7161 s); on a compute-bound
+    1.9M-parameter MLP 15.0036 s and 28.4987 s (retraining 5.2106 s).
+
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
-    semi-definite); default ``None``: the Hessian where later stages are
-    replayed step by step (the update's exact linearisation, and on the digits
-    pipelines the better against retraining: 5-stage s2 0.990 against 0.968),
-    the GGN in segments (a frozen Hessian's negative directions get amplified
-    over a segment) and in the replay of a stage without one of its data
-    sources (removing a whole source is far outside first order, and there the
-    GGN agrees better with retraining: ``benchmarks/sources.py`` against
+    semi-definite); default ``None``: the Hessian for the replay and for
+    segments, the GGN in the replay of a stage without one of its data sources
+    (removing a whole source is far outside first order, and there the GGN
+    agrees better with retraining: ``benchmarks/sources.py`` against
     ``benchmarks/sources.py --curvature hessian``).
-    ``segment_steps``: steps per segment (default: the run's ``checkpoint_every``).
-    ``krylov_dim``: Lanczos vectors per segment and tangent.
-    ``curvature_batches``: recorded minibatches of a segment (evenly spaced) that its
-    curvature is averaged over; ``None``: all of them. The last three only
-    matter for segments (and for ``"auto"``'s fallback).
+
+    The rest only matter for segments (and for ``"auto"``'s fallback):
+
+    * ``segment_steps``: steps per segment (default: the run's ``checkpoint_every``).
+    * ``centred``: segments centred on the recorded checkpoints, each frozen at
+      the checkpoint in its middle (the first and last half a segment long, the
+      last at the stage's end), instead of starting at them (default ``True``).
+    * ``krylov_dim``: Lanczos vectors per segment and tangent.
+    * ``curvature_examples``: about how many training examples a segment's
+      curvature is averaged over: the fewest evenly spaced recorded minibatches
+      of the segment that hold at least that many (at least one); ``None``: all
+      of them. Fidelity grows with it and so does the cost of every product.
     """
 
     scheme: str = "segments"
     curvature: Optional[str] = None
     segment_steps: Optional[int] = None
     krylov_dim: int = 5
-    curvature_batches: Optional[int] = 8
+    curvature_examples: Optional[int] = 512
+    centred: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -130,8 +134,8 @@ class CurvatureOptions:
             raise ValueError(f"unknown curvature {self.curvature!r}; choose one of {', '.join(CURVATURES)}")
         if self.segment_steps is not None and self.segment_steps < 1:
             raise ValueError("segment_steps must be >= 1")
-        if self.krylov_dim < 1 or (self.curvature_batches is not None and self.curvature_batches < 1):
-            raise ValueError("krylov_dim and curvature_batches must be >= 1")
+        if self.krylov_dim < 1 or (self.curvature_examples is not None and self.curvature_examples < 1):
+            raise ValueError("krylov_dim and curvature_examples must be >= 1")
 
     @classmethod
     def exact(cls, curvature: Optional[str] = None) -> "CurvatureOptions":
@@ -139,16 +143,18 @@ class CurvatureOptions:
 
     @classmethod
     def segments(cls, **settings) -> "CurvatureOptions":
-        """Segments with the default settings (``krylov_dim=5``, 8 curvature batches) unless overridden."""
+        """Segments with the default settings (centred, ``krylov_dim=5``, 512 curvature examples) unless overridden."""
         return cls(scheme="segments", **settings)
 
     @classmethod
     def fast(cls) -> "CurvatureOptions":
-        return cls(scheme="segments", krylov_dim=3, curvature_batches=2)
+        """Segments starting at the checkpoints, ``krylov_dim=3``, 64 curvature examples."""
+        return cls(scheme="segments", centred=False, krylov_dim=3, curvature_examples=64)
 
     @classmethod
     def thorough(cls) -> "CurvatureOptions":
-        return cls(scheme="segments", krylov_dim=10, curvature_batches=None)
+        """Centred segments, ``krylov_dim=8``, every recorded minibatch of a segment."""
+        return cls(scheme="segments", krylov_dim=8, curvature_examples=None)
 
     def curvature_for(self, use: str) -> str:
         """The curvature for ``use``: ``"replay"`` (later stages step by step), ``"segments"`` or ``"source"``."""
@@ -440,11 +446,23 @@ def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
     return {n: 1.0 / (torch.stack([v[n] for v in known]).max(dim=0).values.sqrt() + hp["eps"]) for n in names}
 
 
-def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int]]:
+def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int, int]]:
+    """``(a, b, at)`` per segment: steps ``[a, b)`` with the curvature frozen at the parameters entering step ``at``.
+
+    ``at`` is a recorded point of the stage: its start (0), an inner checkpoint,
+    or its end (``at`` = the stage's length). Centred segments are cut halfway
+    between the recorded points (every ``segment_steps``, offset by half a
+    segment) and each takes the point nearest its middle; otherwise segments
+    start at the recorded points and take the last one at or before their start.
+    """
     steps = run.stage_records[j - 1].steps
     recorded = run.inner_checkpoint_steps(j)
     length = options.segment_steps or (recorded[0] if recorded else steps)
-    return [(a, min(a + length, steps)) for a in range(0, steps, length)]
+    if not options.centred:
+        return [(a, min(a + length, steps), max(s for s in [0] + recorded if s <= a)) for a in range(0, steps, length)]
+    points = [0] + recorded + [steps]
+    cuts = sorted({0, steps} | set(range(length // 2, steps, length)))
+    return [(a, b, min(points, key=lambda p: (abs(2 * p - a - b), p))) for a, b in zip(cuts, cuts[1:])]
 
 
 def cap_growth(tt: torch.Tensor, ts: torch.Tensor, st: torch.Tensor, ss: torch.Tensor):
@@ -478,14 +496,14 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         )
     stage_fresh = next(iter(fresh.values()))
     batches = run.batch_indices(j)
-    recorded = [0] + run.inner_checkpoint_steps(j)
+    per_batch = max(1, batches.shape[1] if batches.ndim > 1 else 1)
+    steps_in_stage = run.stage_records[j - 1].steps
     dtype = d_theta[names[0]].dtype
     theta = flat.flatten(d_theta).to(torch.float64)
     buf = flat.flatten(d_state).to(torch.float64)
-    for a, b in _segment_bounds(run, j, options):
-        at = max(s for s in recorded if s <= a)
-        state_dict, _ = run.inner_checkpoint(j, at)
-        count = b - a if options.curvature_batches is None else min(options.curvature_batches, b - a)
+    for a, b, at in _segment_bounds(run, j, options):
+        state_dict = run.checkpoint(j) if at == steps_in_stage else run.inner_checkpoint(j, at)[0]
+        count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch), b - a)
         picks = torch.linspace(a, b - 1, count).round().long().unique()
         batch = collate(stage.data, batches[picks].reshape(-1))
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
