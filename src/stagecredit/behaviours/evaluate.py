@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
 
 import torch
-from torch.func import functional_call, jvp, vmap
+from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Behaviour = Callable[[torch.nn.Module], torch.Tensor]
@@ -57,45 +57,3 @@ def behaviour_jvp(
     with sdpa_kernel([SDPBackend.MATH]):  # fused attention kernels have no forward-mode derivative
         value, derivative = jvp(f, primals, tangents)
     return value.detach(), derivative.detach()
-
-
-TANGENT_CHUNK = 8  # tangents per batched forward-mode pass: bounds the tangent activations held at once
-
-
-def behaviour_jvps(
-    model: torch.nn.Module,
-    behaviour: Behaviour,
-    params: Mapping[str, torch.Tensor],
-    tangents: Sequence[Mapping[str, torch.Tensor]],
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(f(θ), [∇f(θ)·v₁, …, ∇f(θ)·v_K])``: one forward-mode pass per chunk of tangents, vmapped over them.
-
-    The primal forward is shared by the chunk instead of repeated per tangent,
-    and the per-call overhead is paid once per chunk. A behaviour whose code ``vmap`` cannot batch (e.g. it calls
-    ``.item()`` on the output) falls back to one :func:`behaviour_jvp` per tangent.
-    """
-    if not tangents:
-        raise ValueError("behaviour_jvps needs at least one tangent")
-    model.eval()
-    wrapper = _BehaviourOf(model, behaviour)
-    names = list(params)
-    primals = tuple(params[n].detach() for n in names)
-
-    def f(*values: torch.Tensor) -> torch.Tensor:
-        return functional_call(wrapper, _prefixed(dict(zip(names, values))), ())
-
-    def chunk_jvp(*stacked: torch.Tensor):
-        return jvp(f, primals, stacked)
-
-    value, rows = None, []
-    for start in range(0, len(tangents), TANGENT_CHUNK):
-        chunk = tangents[start:start + TANGENT_CHUNK]
-        stacked = tuple(torch.stack([t[n].to(params[n].dtype) for t in chunk]) for n in names)
-        try:
-            with sdpa_kernel([SDPBackend.MATH]):
-                value, derivative = vmap(chunk_jvp, out_dims=(None, 0))(*stacked)
-        except (RuntimeError, ValueError, NotImplementedError):  # no batching rule: the same one tangent at a time
-            pairs = [behaviour_jvp(model, behaviour, params, t) for t in chunk]
-            value, derivative = pairs[0][0], torch.stack([d for _, d in pairs])
-        rows.append(derivative.detach())
-    return value.detach(), torch.cat(rows)

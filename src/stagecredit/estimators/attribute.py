@@ -9,7 +9,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from stagecredit.behaviours.evaluate import behaviour_at, behaviour_jvps
+from stagecredit.behaviours.evaluate import behaviour_at, behaviour_jvp
 from stagecredit.estimators.embedding import METHODS, StageEmbedding, stage_embeddings
 from stagecredit.storage.run import Run
 
@@ -84,8 +84,8 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
               mode: str = "linear", *, curvature=None, progress: bool = True) -> Attribution:
     """Estimate every stage's effect on ``behaviour`` (DESIGN §3).
 
-    ``mode="linear"``: ``τ̂_k = ∇f(θ_T)·e_k``, forward-mode JVPs over the whole
-    evaluation set, all stages' tangents batched in one pass. ``mode="model"``: ``τ̂_k = f(θ_T) − f(θ_T − e_k)``,
+    ``mode="linear"``: ``τ̂_k = ∇f(θ_T)·e_k``, one forward-mode JVP per stage over
+    the whole evaluation set. ``mode="model"``: ``τ̂_k = f(θ_T) − f(θ_T − e_k)``,
     one forward pass per stage; works for non-differentiable metrics.
     ``curvature``: a ``CurvatureOptions`` for ``method="aa-curvature"`` (default scheme: segments).
     """
@@ -108,21 +108,17 @@ def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tens
     if set(final) != set(run.parameter_names):
         raise ValueError("the model built for this run does not have the recorded parameters")
     rows, seconds = [], []
-    final_values = None
-    if mode == "linear" and embeddings:
-        # every embedding's JVP in one batched forward-mode pass; each is charged an equal share of its time
+    final_values = behaviour_at(model, behaviour, final) if mode == "model" else None
+    for emb in embeddings:
         start = time.perf_counter()
-        final_values, derivatives = behaviour_jvps(model, behaviour, final, [e.vector for e in embeddings])
-        share = (time.perf_counter() - start) / len(embeddings)
-        rows = list(derivatives)
-        seconds = [e.seconds + share for e in embeddings]
-    elif mode == "model":
-        final_values = behaviour_at(model, behaviour, final)
-        for emb in embeddings:
-            start = time.perf_counter()
+        if mode == "linear":
+            value, derivative = behaviour_jvp(model, behaviour, final, emb.vector)
+            final_values = value if final_values is None else final_values
+            rows.append(derivative)
+        else:
             edited = {name: final[name] - emb.vector[name] for name in final}
             rows.append(final_values - behaviour_at(model, behaviour, edited))
-            seconds.append(emb.seconds + time.perf_counter() - start)
+        seconds.append(emb.seconds + time.perf_counter() - start)
     if final_values is None:  # no embeddings: still report f(θ_T)
         final_values = behaviour_at(model, behaviour, final)
     return Attribution(
