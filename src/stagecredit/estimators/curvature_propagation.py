@@ -101,10 +101,13 @@ class CurvatureOptions:
     1.9M-parameter MLP 16.0881 s and 27.9201 s (retraining 6.4514 s).
 
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
-    semi-definite); default ``None``: the Hessian for the replay and for
-    segments, the GGN in the replay of a stage without one of its data sources
-    (removing a whole source is far outside first order, and there the GGN
-    agrees better with retraining: ``benchmarks/sources.py`` against
+    semi-definite); default ``None``: the Hessian where later stages are
+    replayed step by step (the update's exact linearisation), the GGN in
+    segments (the Hessian scores higher there on the digits pipelines but
+    breaks the MNIST demo's model-mode estimate of its pretrain stage:
+    ``docs/concepts.md``) and in the replay of a stage without one of its data
+    sources (removing a whole source is far outside first order, and there the
+    GGN agrees better with retraining: ``benchmarks/sources.py`` against
     ``benchmarks/sources.py --curvature hessian``).
 
     The rest only matter for segments (and for ``"auto"``'s fallback):
