@@ -499,7 +499,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         )
     stage_fresh = next(iter(fresh.values()))
     batches = run.batch_indices(j)
-    per_batch = max(1, batches.shape[1] if batches.ndim > 1 else 1)
+    per_batch = max(1, batches.shape[1])  # batch_indices is [steps, batch_size]
     steps_in_stage = run.stage_records[j - 1].steps
     dtype = d_theta[names[0]].dtype
     theta = flat.flatten(d_theta).to(torch.float64)
