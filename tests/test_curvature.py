@@ -180,6 +180,21 @@ def test_lanczos_is_exact_at_the_operator_rank_and_handles_zero_vectors():
     torch.testing.assert_close(approx, exact, rtol=1e-9, atol=1e-10)
 
 
+
+def test_lanczos_in_float32_agrees_with_float64():
+    """Segments build their Krylov basis in the model's precision; a float32 basis loses only float32 digits."""
+    g = torch.Generator().manual_seed(1)
+    n = 3000
+    U, _ = torch.linalg.qr(torch.randn(n, 40, generator=g, dtype=torch.float64))
+    spectrum = torch.logspace(-3, 3, 40, dtype=torch.float64)  # six decades, as Adam's scaling produces
+    A = (U * spectrum) @ U.T
+    V = torch.randn(4, n, generator=g, dtype=torch.float64)
+    f = lambda x: torch.exp(-0.01 * x)  # noqa: E731
+    wide = krylov_function_apply(*lanczos(lambda X: X @ A, V, 5), f)  # a truncated space, as in segments
+    narrow = krylov_function_apply(*lanczos(lambda X: X @ A.float(), V.float(), 5), f)
+    assert narrow.dtype == torch.float32
+    assert float((narrow.double() - wide).norm() / wide.norm()) < 1e-5
+
 # --- exactness against retraining ---------------------------------------------------------------
 
 def _quadratic_run(tmp_path, batch_size=16):

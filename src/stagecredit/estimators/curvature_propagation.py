@@ -512,12 +512,16 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
                                     options.curvature_for("segments"))
         S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b)
+        # The Krylov basis is built in the model's precision (its products are in it anyway): on large models the
+        # basis is most of the memory and its passes much of the time. The tangents stay float64 between segments.
+        S_, Lam_ = S.to(dtype), (Lam.to(dtype) if bool(Lam.any()) else None)
 
         def operator(x: torch.Tensor) -> torch.Tensor:
-            sx = S * x
-            return S * (product(sx.to(dtype)).to(torch.float64) + Lam * sx)
+            sx = S_ * x
+            cx = product(sx)
+            return S_ * (cx if Lam_ is None else cx + Lam_ * sx)
 
-        u, w = theta / S, buf * S
+        u, w = (theta / S).to(dtype), (buf * S).to(dtype)
         first = stage_fresh and a == 0
 
         def scalar_maps(ritz: torch.Tensor):
@@ -541,7 +545,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
 
             to_u, to_w = krylov_functions_apply(*lanczos(operator, torch.cat([u, w]), options.krylov_dim), from_rows)
             new_u, new_w = to_u[:B] + to_u[B:], to_w[:B] + to_w[B:]
-        theta, buf = S * new_u, new_w / S
+        theta, buf = S * new_u.to(torch.float64), new_w.to(torch.float64) / S
         for _ in range(b - a):
             advance()
     return (flat.unflatten(theta.to(dtype)), flat.unflatten(buf.to(dtype)))

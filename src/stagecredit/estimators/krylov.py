@@ -23,29 +23,43 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tenso
     m = max(1, min(steps, n))
     dtype = vectors.dtype
     norms = vectors.norm(dim=1)
-    safe = torch.where(norms > 0, norms, torch.ones_like(norms))
-    Q = torch.zeros(B, m, n, dtype=dtype)
+    Q = torch.empty(B, m, n, dtype=dtype)  # every column is written below
     alpha = torch.zeros(B, m, dtype=torch.float64)
     beta = torch.zeros(B, m, dtype=torch.float64)
-    q = vectors / safe[:, None]
-    q[norms == 0] = 0
+    q = vectors * torch.where(norms > 0, 1 / norms, 0)[:, None]  # a zero vector stays zero
     tol = 1e-5 if dtype == torch.float32 else 1e-10
     for j in range(m):
         Q[:, j] = q
         w = matvec(q)
-        alpha[:, j] = (w * q).sum(dim=1).double()
         size = w.norm(dim=1)
-        # full re-orthogonalisation against every basis vector so far (twice is enough)
-        for _ in range(2):
-            coeffs = torch.einsum("bkn,bn->bk", Q[:, : j + 1], w)
-            w = w - torch.einsum("bk,bkn->bn", coeffs, Q[:, : j + 1])
+        basis = Q[:, : j + 1]
+        # full re-orthogonalisation against every basis vector so far, twice ("twice is enough"); the first
+        # pass's coefficient on q is the Rayleigh quotient α_j
+        coeffs = _coefficients(basis, w)
+        alpha[:, j] = coeffs[:, j].double()
+        w = w - _combine(coeffs, basis)
+        w = w - _combine(_coefficients(basis, w), basis)
         if j + 1 < m:
             b = w.norm(dim=1)
             alive = b > tol * size  # otherwise the Krylov space is exhausted: stop this vector's basis
-            beta[:, j] = torch.where(alive, b, torch.zeros_like(b)).double()
-            q = torch.where(alive[:, None], w / torch.where(alive, b, torch.ones_like(b))[:, None], torch.zeros_like(w))
+            beta[:, j] = torch.where(alive, b, 0).double()
+            q = w * torch.where(alive, 1 / b, 0)[:, None]
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
     return norms, Q, T
+
+
+def _coefficients(basis: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``[B, k]`` inner products of each ``w`` row with its ``k`` basis vectors (``basis [B, k, n]``).
+
+    Written as ``wᵀ Qᵀ``: on CPU this batched product is several times faster
+    than the same contraction as ``Q w`` (or ``einsum``) when ``n`` is large.
+    """
+    return torch.bmm(w.unsqueeze(1), basis.transpose(1, 2)).squeeze(1)
+
+
+def _combine(coeffs: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``[B, n]``: each row's combination of its basis vectors."""
+    return torch.bmm(coeffs.unsqueeze(1), basis).squeeze(1)
 
 
 def krylov_function_apply(norms: torch.Tensor, Q: torch.Tensor, T: torch.Tensor,
@@ -61,5 +75,5 @@ def krylov_functions_apply(norms: torch.Tensor, Q: torch.Tensor, T: torch.Tensor
     out = []
     for f in scalar_fns(theta):
         coeffs = U @ (f * U[:, 0, :]).unsqueeze(-1)  # [B, m, 1] = U f(Θ) Uᵀ e1
-        out.append(norms[:, None] * torch.einsum("bm,bmn->bn", coeffs.squeeze(-1).to(Q.dtype), Q))
+        out.append(norms[:, None].to(Q.dtype) * _combine(coeffs.squeeze(-1).to(Q.dtype), Q))
     return out
