@@ -273,6 +273,33 @@ def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path, cent
     np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
 
 
+def test_segments_keep_no_inner_checkpoint_in_memory(tmp_path):
+    """Memory must not grow with a stage's length: inner checkpoints are read, used and dropped."""
+    run, behaviour = _quadratic_run(tmp_path)  # a checkpoint entering every step
+    sc.attribute(run, behaviour, "aa-curvature", "linear", progress=False)
+    inner = {entry[key]["path"] for stage in run.manifest["stages"] for entry in stage["inner_checkpoints"]
+             for key in ("checkpoint", "optimizer_state")}
+    cached = {key[1] for key in run._cache if key[0] == "file"}
+    assert len(inner) > 40 and cached and not inner & cached
+
+
+def test_adam_segments_use_the_largest_recorded_second_moment(tmp_path):
+    from stagecredit.estimators.curvature_propagation import _stage_preconditioner
+
+    X, y = toy_data()
+    stages = [sc.Stage("s1", (X, y), ce_loss, lambda p: torch.optim.SGD(p, lr=0.1), steps=5, batch_size=16, seed=1),
+              sc.Stage("s2", (X, y), ce_loss, lambda p: torch.optim.Adam(p, lr=0.01, betas=(0.8, 0.9)), steps=12,
+                       batch_size=16, seed=2)]
+    run = sc.Pipeline(make_mlp, stages, checkpoint_every=4).run(tmp_path / "r", progress=False)
+    hp = run.steps(2)[0]["groups"][0]
+    states = [run.inner_checkpoint(2, s)[1] for s in run.inner_checkpoint_steps(2)] + [run.optimizer_state(2)]
+    assert len(states) == 3
+    for name, precond in _stage_preconditioner(run, 2, hp).items():
+        v_hat = torch.stack([st[f"{name}/exp_avg_sq"].double() / (1 - 0.9 ** float(st[f"{name}/step"]))
+                             for st in states])
+        torch.testing.assert_close(precond, 1 / (v_hat.max(dim=0).values.sqrt() + hp["eps"]))
+
+
 def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
     from types import SimpleNamespace
 

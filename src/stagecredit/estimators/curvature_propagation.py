@@ -36,6 +36,7 @@ freeze Adam's second moment along the perturbation.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
 import warnings
 from typing import Any, Optional
@@ -384,8 +385,11 @@ def _shared(steps: list[dict], key: str, record) -> None:
         )
 
 
-def _segment_scaling(run, j, kind, steps, a, b) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters."""
+def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
+    """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters.
+
+    ``preconditioner(hp)``: Adam's frozen ``1/(√v̂+ε)`` per parameter for the hyper-parameters ``hp``.
+    """
     record = run.stage_records[j - 1]
     names = run.parameter_names
     flat_sizes = {n: run.parameters(j)[n].numel() for n in names}
@@ -409,7 +413,7 @@ def _segment_scaling(run, j, kind, steps, a, b) -> tuple[torch.Tensor, torch.Ten
             scale[n] = torch.full((flat_sizes[n],), ratio, dtype=torch.float64)
             decay[n] = torch.full((flat_sizes[n],), 0.0 if decoupled else hp.get("weight_decay", 0.0), dtype=torch.float64)
     if kind == ADAM:
-        precond = _segment_preconditioner(run, j, a, steps)
+        precond = preconditioner(steps[a]["groups"][0])
         for n in names:
             scale[n] = scale[n] * precond[n].reshape(-1)
     S = torch.cat([scale[n].sqrt() for n in names])
@@ -431,8 +435,8 @@ def _v_hat(opt_state: Optional[dict], hp: dict, names) -> Optional[dict[str, tor
     return out
 
 
-def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
-    """Adam's ``1/(√v̂+ε)`` for a segment: ``v̂`` is the largest the stage recorded at any checkpoint.
+def _stage_preconditioner(run, j, hp) -> dict[str, torch.Tensor]:
+    """Adam's ``1/(√v̂+ε)`` for stage j's segments: ``v̂`` is the largest the stage recorded at any checkpoint.
 
     With the second moment frozen along the perturbation, a coordinate that is
     rarely active (an input pixel lit in few images) has ``v̂ ≈ 0`` at most
@@ -440,13 +444,18 @@ def _segment_preconditioner(run, j, a, steps) -> dict[str, torch.Tensor]:
     curvature is non-zero there; in the real run each step that touches it
     divides by a ``v̂`` that already holds its gradient. The largest recorded
     ``v̂`` is the preconditioner of the steps where the coordinate was active,
-    which keeps the frozen recurrence as damped as the real one there.
+    which keeps the frozen recurrence as damped as the real one there. The
+    checkpoints are read one at a time (a running maximum), so memory does not
+    grow with the stage's length.
     """
-    hp = steps[a]["groups"][0]
     names = run.parameter_names
-    states = [run.inner_checkpoint(j, s)[1] for s in run.inner_checkpoint_steps(j)] + [run.optimizer_state(j)]
-    known = [v for v in (_v_hat(state, hp, names) for state in states) if v is not None]
-    return {n: 1.0 / (torch.stack([v[n] for v in known]).max(dim=0).values.sqrt() + hp["eps"]) for n in names}
+    largest: Optional[dict[str, torch.Tensor]] = None
+    states = (run.inner_checkpoint(j, s)[1] for s in run.inner_checkpoint_steps(j))
+    for state in itertools.chain(states, [run.optimizer_state(j)]):
+        v_hat = _v_hat(state, hp, names)
+        if v_hat is not None:
+            largest = v_hat if largest is None else {n: torch.maximum(largest[n], v_hat[n]) for n in names}
+    return {n: 1.0 / (largest[n].sqrt() + hp["eps"]) for n in names}
 
 
 def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int, int]]:
@@ -504,14 +513,25 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     dtype = d_theta[names[0]].dtype
     theta = flat.flatten(d_theta).to(torch.float64)
     buf = flat.flatten(d_state).to(torch.float64)
+    preconditioners: dict[str, dict[str, torch.Tensor]] = {}  # per (betas, eps, amsgrad): one pass over the states
+
+    def preconditioner(hp: dict) -> dict[str, torch.Tensor]:
+        key = repr((hp["betas"], hp["eps"], hp.get("amsgrad", False)))
+        if key not in preconditioners:
+            preconditioners[key] = _stage_preconditioner(run, j, hp)
+        return preconditioners[key]
+
+    loaded: tuple[Optional[int], Any] = (None, None)  # the last frozen point read (uncached, may serve several)
     for a, b, at in _segment_bounds(run, j, options):
-        state_dict = run.checkpoint(j) if at == steps_in_stage else run.inner_checkpoint(j, at)[0]
+        if loaded[0] != at:
+            loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_checkpoint(j, at)[0])
+        state_dict = loaded[1]
         count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch), b - a)
         picks = torch.linspace(a, b - 1, count).round().long().unique()
         batch = collate(stage.data, batches[picks].reshape(-1))
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
                                     options.curvature_for("segments"))
-        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b)
+        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
         # The Krylov basis is built in the model's precision (its products are in it anyway): on large models the
         # basis is most of the memory and its passes much of the time. The tangents stay float64 between segments.
         S_, Lam_ = S.to(dtype), (Lam.to(dtype) if bool(Lam.any()) else None)

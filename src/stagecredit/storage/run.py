@@ -217,11 +217,14 @@ class Run:
             raise IndexError(f"stage index {k} out of range 1..{self.num_stages}")
         return self.manifest["stages"][k - 1]
 
-    def _load(self, entry: dict[str, str]) -> dict[str, torch.Tensor]:
+    def _load(self, entry: dict[str, str], cache: bool = True) -> dict[str, torch.Tensor]:
         key = ("file", entry["path"])
-        if key not in self._cache:
-            self._cache[key] = load_tensors(self.path / entry["path"], entry.get("sha256"))
-        return self._cache[key]
+        if key in self._cache:
+            return self._cache[key]
+        tensors = load_tensors(self.path / entry["path"], entry.get("sha256"))
+        if cache:
+            self._cache[key] = tensors
+        return tensors
 
     def checkpoint(self, k: int) -> dict[str, torch.Tensor]:
         """State dict θ^(k) at the end of stage k (k = 0: the initialisation)."""
@@ -248,14 +251,17 @@ class Run:
         """``(state dict, optimizer state)`` entering ``step`` of stage k.
 
         Step 0 is the stage's start: ``θ^(k−1)`` and the optimizer state it was
-        handed (``None`` for a fresh optimizer).
+        handed (``None`` for a fresh optimizer). Unlike the stage boundaries,
+        inner checkpoints are read from disk on every call and not kept: a long
+        stage records many, and holding them would make memory grow with its
+        length.
         """
         if step == 0:
             carried = self.stage_records[k - 1].carry_optimizer_state and k >= 2
             return self.checkpoint(k - 1), (self.optimizer_state(k - 1) if carried else None)
         for entry in self._entry(k).get("inner_checkpoints", []):
             if entry["step"] == step:
-                return self._load(entry["checkpoint"]), self._load(entry["optimizer_state"])
+                return self._load(entry["checkpoint"], cache=False), self._load(entry["optimizer_state"], cache=False)
         raise KeyError(f"stage {k} has no checkpoint entering step {step}; recorded: {self.inner_checkpoint_steps(k)}")
 
     def sources(self, k: int) -> list[str]:
