@@ -91,9 +91,13 @@ PIPELINES = {
 }
 
 
-def mnist_wide():
-    """3 stages of a 1.9M-parameter MLP on the demo's MNIST data, batches of 128: big enough to be compute-bound."""
+def mnist_wide(scale: float = 1.0):
+    """3 stages of a 1.9M-parameter MLP on the demo's MNIST data, batches of 128: big enough to be compute-bound.
+
+    ``scale`` multiplies every stage's 100 steps (``benchmarks/cost_scaling.py --pipeline mnist-wide``).
+    """
     data = mnist.make_data()
+    steps = max(10, int(100 * scale))
 
     def model():
         return torch.nn.Sequential(torch.nn.Linear(784, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024),
@@ -101,12 +105,12 @@ def mnist_wide():
 
     ce_mnist = mnist.cross_entropy
     return sc.Pipeline(model, [
-        sc.Stage("pretrain", data.pretrain, ce_mnist, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=100,
+        sc.Stage("pretrain", data.pretrain, ce_mnist, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=steps,
                  batch_size=128, seed=1),
-        sc.Stage("finetune", data.finetune, ce_mnist, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=100,
+        sc.Stage("finetune", data.finetune, ce_mnist, lambda p: torch.optim.AdamW(p, lr=1e-3), steps=steps,
                  batch_size=128, seed=2),
         sc.Stage("adapt", data.adapt["digits"], ce_mnist, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.9),
-                 steps=100, batch_size=128, seed=3),
+                 steps=steps, batch_size=128, seed=3),
     ]), sc.PerExampleLoss(data.test, ce_mnist, name="MNIST test loss (nats)")
 
 
