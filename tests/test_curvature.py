@@ -180,7 +180,6 @@ def test_lanczos_is_exact_at_the_operator_rank_and_handles_zero_vectors():
     torch.testing.assert_close(approx, exact, rtol=1e-9, atol=1e-10)
 
 
-
 def test_lanczos_in_float32_agrees_with_float64():
     """Segments build their Krylov basis in the model's precision; a float32 basis loses only float32 digits."""
     g = torch.Generator().manual_seed(1)

@@ -548,9 +548,10 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             # both columns of the 2×2 map in one walk over the segment's steps: from (1, 0) and from (0, 1)
             twice = torch.stack([ritz, ritz])
             one, zero = torch.ones_like(ritz), torch.zeros_like(ritz)
-            theta, state = propagate_through_stage(torch.stack([one, zero]), torch.stack([zero, one]), reference, 0,
-                                                   kind, fresh=first, hvp_at=lambda _i: (lambda x: twice * x))
-            return cap_growth(theta[0], theta[1], state[0], state[1])
+            to_theta, to_state = propagate_through_stage(torch.stack([one, zero]), torch.stack([zero, one]),
+                                                         reference, 0, kind, fresh=first,
+                                                         hvp_at=lambda _i: (lambda x: twice * x))
+            return cap_growth(to_theta[0], to_theta[1], to_state[0], to_state[1])
 
         # δθ ← T_θθ(A) δθ + T_θs(A) δs, δs ← T_sθ(A) δθ + T_ss(A) δs (scaled). The Krylov spaces of δθ and δs are
         # built side by side (one product call for both, so per-call overhead is paid once) and every map comes
