@@ -511,6 +511,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     per_batch = max(1, batches.shape[1])  # batch_indices is [steps, batch_size]
     steps_in_stage = run.stage_records[j - 1].steps
     dtype = d_theta[names[0]].dtype
+    work = torch.promote_types(dtype, torch.float32)
     theta = flat.flatten(d_theta).to(torch.float64)
     buf = flat.flatten(d_state).to(torch.float64)
     preconditioners: dict[str, dict[str, torch.Tensor]] = {}  # per (betas, eps, amsgrad): one pass over the states
@@ -532,16 +533,17 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
                                     options.curvature_for("segments"))
         S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
-        # The Krylov basis is built in the model's precision (its products are in it anyway): on large models the
-        # basis is most of the memory and its passes much of the time. The tangents stay float64 between segments.
-        S_, Lam_ = S.to(dtype), (Lam.to(dtype) if bool(Lam.any()) else None)
+        # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
+        # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
+        # passes much of the time. The tangents stay float64 between segments.
+        S_, Lam_ = S.to(work), (Lam.to(work) if bool(Lam.any()) else None)
 
         def operator(x: torch.Tensor) -> torch.Tensor:
             sx = S_ * x
-            cx = product(sx)
+            cx = product(sx.to(dtype)).to(work)
             return S_ * (cx if Lam_ is None else cx + Lam_ * sx)
 
-        u, w = (theta / S).to(dtype), (buf * S).to(dtype)
+        u, w = (theta / S).to(work), (buf * S).to(work)
         first = stage_fresh and a == 0
 
         def scalar_maps(ritz: torch.Tensor):
