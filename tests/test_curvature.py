@@ -61,6 +61,57 @@ def test_ggn_product_matches_explicit_gauss_newton():
     assert torch.linalg.eigvalsh(G).min() > -1e-10
 
 
+def _batchnorm_model():
+    torch.manual_seed(4)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 3)).double()
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_products_use_the_given_buffers(curvature):
+    """Eval mode uses BatchNorm's running statistics: the product must see the recorded ones, not the module's."""
+    trained, batch = _batchnorm_model(), _tiny()[1]
+    trained.train()
+    with torch.no_grad():
+        for _ in range(3):
+            trained(batch[0] * 3 + 1)  # moves the running statistics far from their initial (0, 1)
+    trained.eval()
+    params = {n: p.detach() for n, p in trained.named_parameters()}
+    flat = FlatParams.of(params, list(params))
+    V = torch.randn(2, sum(flat.sizes), dtype=torch.float64)
+    expected = curvature_product(trained, ce_loss, batch, params, flat, curvature)(V)
+    fresh = _batchnorm_model()  # initial running statistics
+    with_buffers = curvature_product(fresh, ce_loss, batch, params, flat, curvature,
+                                     buffers=dict(trained.named_buffers()))(V)
+    torch.testing.assert_close(with_buffers, expected, rtol=1e-8, atol=1e-10)
+    without = curvature_product(fresh, ce_loss, batch, params, flat, curvature)(V)
+    assert (without - expected).norm() > 0.1 * expected.norm()  # so the equality above is informative
+
+
+@pytest.mark.parametrize("scheme", ["segments", "exact"])
+def test_aa_curvature_evaluates_curvature_with_the_recorded_buffers(tmp_path, monkeypatch, toy_behaviour, scheme):
+    import stagecredit.estimators.curvature_propagation as cp
+
+    X, y = toy_data()
+    stages = [sc.Stage(f"s{i}", (X, y), ce_loss, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), steps=10,
+                       batch_size=16, seed=i) for i in (1, 2)]
+    model_fn = lambda: torch.nn.Sequential(torch.nn.Linear(X.shape[1], 8), torch.nn.BatchNorm1d(8),  # noqa: E731
+                                           torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    run = sc.Pipeline(model_fn, stages, checkpoint_every=5).run(tmp_path / "bn", progress=False)
+    seen = []
+    product = cp.curvature_product
+    monkeypatch.setattr(cp, "curvature_product",
+                        lambda *args, buffers=None, **kw: seen.append(buffers) or product(*args, buffers=buffers, **kw))
+    sc.attribute(run, toy_behaviour, "aa-curvature", "linear", curvature=C(scheme=scheme), progress=False)
+    assert len(seen) == {"segments": 3, "exact": 10}[scheme]
+    assert all(not torch.equal(b["1.running_mean"], torch.zeros(8)) for b in seen)  # never the initial statistics
+    if scheme == "segments":  # centred segments frozen at the stage's start, its inner checkpoint and its end
+        recorded = [run.checkpoint(1), run.inner_checkpoint(2, 5)[0], run.checkpoint(2)]
+        for b, state in zip(seen, recorded):
+            assert torch.equal(b["1.running_mean"], state["1.running_mean"])
+            assert torch.equal(b["1.running_var"], state["1.running_var"])
+
+
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_products_without_a_batching_rule_fall_back_to_one_row_at_a_time(curvature, monkeypatch):
     model, batch = _tiny()

@@ -11,7 +11,8 @@ differentiated twice in reverse mode. Two curvatures:
   returns a given output, so ``loss_fn`` must call the model exactly once.
 
 The model is evaluated in eval mode (dropout off), a deterministic stand-in for
-the training-mode step. Vectors are flat ``[B, n]`` tensors over the trainable
+the training-mode step, with the buffers recorded at that point (BatchNorm's
+running statistics). Vectors are flat ``[B, n]`` tensors over the trainable
 parameters in a fixed order (:class:`FlatParams`).
 """
 
@@ -114,8 +115,12 @@ def curvature_product(
     params: Mapping[str, torch.Tensor],
     flat: FlatParams,
     curvature: str = "ggn",
+    buffers: Mapping[str, torch.Tensor] | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``V [B, n] ↦ C V [B, n]`` with ``C`` the Hessian or GGN of the mean loss on ``batch`` at ``params``.
+
+    ``buffers``: the model's buffers at that point (e.g. BatchNorm's running
+    statistics, which eval mode uses); without them the module's own are used.
 
     The forward pass (and for the Hessian the gradient's graph) is built once;
     every call is reverse-mode passes over it, batched over the rows of ``V``.
@@ -127,6 +132,7 @@ def curvature_product(
     model.eval()
     leaves = [params[n].detach().clone().requires_grad_(True) for n in flat.names]
     prefixed = {f"model.{n}": t for n, t in zip(flat.names, leaves)}
+    prefixed.update({f"model.{n}": t.detach().clone() for n, t in (buffers or {}).items()})
     # fused attention kernels have no second derivative; the math backend is made of ops that do
     with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
         if curvature == "hessian":

@@ -187,6 +187,11 @@ def _fresh_names(run: Run, j: int, kind: str) -> dict[str, bool]:
     return {n: f"{n}/{STATE_KEY[kind]}" not in state for n in run.parameter_names}
 
 
+def _buffers(probe: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The entries of ``state`` that are buffers of the model (BatchNorm's running statistics, …)."""
+    return {n: state[n] for n, _ in probe.named_buffers() if n in state}
+
+
 def _stack(tangents: list[dict[str, torch.Tensor]], names, dtype) -> dict[str, torch.Tensor]:
     return {n: torch.stack([t[n] for t in tangents]).to(dtype) for n in names}
 
@@ -273,7 +278,8 @@ def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
     probe = pipeline.build_model()
 
     def curvature(batch, params_before):
-        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("source"))
+        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("source"),
+                                    buffers=dict(model.named_buffers()))
         return lambda theta: flat.unflatten(product(flat.flatten({n: v.to(dtype) for n, v in theta.items()})))
 
     from stagecredit.estimators.source_tangents import SourceTangents
@@ -342,7 +348,8 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
               for n in names}
 
     def step_tangents(s: int, batch: Any, params_before: dict, optimizer) -> None:
-        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("replay"))
+        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("replay"),
+                                    buffers=dict(model.named_buffers()))
         hv = flat.unflatten(product(flat.flatten(state["theta"])))
         for g, group_names in enumerate(record.param_groups):
             hp = steps[s]["groups"][g]
@@ -531,7 +538,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         picks = torch.linspace(a, b - 1, count).round().long().unique()
         batch = collate(stage.data, batches[picks].reshape(-1))
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
-                                    options.curvature_for("segments"))
+                                    options.curvature_for("segments"), buffers=_buffers(probe, state_dict))
         S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
