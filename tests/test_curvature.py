@@ -385,6 +385,24 @@ def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy
 
 # --- errors and integration ---------------------------------------------------------------------
 
+def test_segments_refuse_param_groups_that_differ_in_momentum(tmp_path, toy_behaviour):
+    from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+
+    X, y = toy_data()
+
+    def two_momenta(params):
+        params = list(params)
+        return torch.optim.SGD([{"params": params[:2], "momentum": 0.9}, {"params": params[2:], "momentum": 0.5}],
+                               lr=0.1)
+
+    stages = [sc.Stage("s1", (X, y), ce_loss, lambda p: torch.optim.SGD(p, lr=0.1), steps=6, batch_size=16, seed=1),
+              sc.Stage("s2", (X, y), ce_loss, two_momenta, steps=6, batch_size=16, seed=2)]
+    run = sc.Pipeline(make_mlp, stages).run(tmp_path / "r", progress=False)
+    with pytest.raises(UnsupportedOptimizerError, match="param groups differ in 'momentum'.*scheme='exact'"):
+        sc.attribute(run, toy_behaviour, "aa-curvature", "linear", progress=False)
+    sc.attribute(run, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)
+
+
 def test_aa_curvature_needs_the_pipeline(toy_run, toy_behaviour):
     loaded = sc.Run.load(toy_run.path)
     with pytest.raises(RuntimeError, match="pipeline=pipe") as info:

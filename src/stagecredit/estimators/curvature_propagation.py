@@ -383,13 +383,31 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
 # --- segments: frozen curvature, Lanczos over each segment ---------------------------------------
 
 
-def _shared(steps: list[dict], key: str, record) -> None:
-    values = {repr(s["groups"][g].get(key)) for s in steps for g in range(len(s["groups"]))}
-    if len(values) > 1:
-        raise UnsupportedOptimizerError(
-            f"stage {record.name!r}: param groups differ in {key!r}; the 'segments' scheme of {METHOD} needs them "
-            "equal. Use CurvatureOptions(scheme='exact')."
-        )
+# Read step by step by a segment's scalar recurrence (schedules such as OneCycleLR cycle them): they may change along
+# the segment but must agree across param groups. The rest enter the frozen operator and must not change at all.
+_PER_STEP = ("momentum", "dampening", "nesterov", "beta1")
+_FROZEN = ("beta2", "eps", "amsgrad", "decoupled_weight_decay")
+
+
+def _hyperparameter(hp: dict, key: str):
+    if key in ("beta1", "beta2"):
+        return None if "betas" not in hp else hp["betas"][key == "beta2"]
+    return hp.get(key)
+
+
+def _check_segment_hyperparameters(steps: list[dict], record) -> None:
+    for key in _PER_STEP + _FROZEN:
+        if any(len({repr(_hyperparameter(g, key)) for g in s["groups"]}) > 1 for s in steps):
+            raise UnsupportedOptimizerError(
+                f"stage {record.name!r}: param groups differ in {key!r}; the 'segments' scheme of {METHOD} needs "
+                "them equal. Use CurvatureOptions(scheme='exact')."
+            )
+    for key in _FROZEN:
+        if len({repr(_hyperparameter(s["groups"][0], key)) for s in steps}) > 1:
+            raise UnsupportedOptimizerError(
+                f"stage {record.name!r}: {key!r} changes within a segment, and the 'segments' scheme of {METHOD} "
+                "freezes it there. Use CurvatureOptions(scheme='exact')."
+            )
 
 
 def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
@@ -400,8 +418,7 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     record = run.stage_records[j - 1]
     names = run.parameter_names
     flat_sizes = {n: run.parameters(j)[n].numel() for n in names}
-    for key in ("momentum", "dampening", "nesterov", "betas", "eps", "amsgrad", "decoupled_weight_decay"):
-        _shared(steps[a:b], key, record)
+    _check_segment_hyperparameters(steps[a:b], record)
     # learning-rate ratios between groups, at the segment step where the first group's lr is largest
     ref = max(range(a, b), key=lambda s: steps[s]["groups"][0]["lr"])
     lr0 = steps[ref]["groups"][0]["lr"]
