@@ -80,6 +80,14 @@ SGD_ADAMW_SCHEDULES = {
          (lambda p: torch.optim.AdamW(p, lr=0.05, weight_decay=0.5),
           lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17))],
     ),
+    # stages that train part of the model: the body first, then the head alone
+    "subsets": (
+        lambda p: torch.optim.SGD(list(p)[:2], lr=0.2, momentum=0.9),
+        [(lambda p: torch.optim.SGD(list(p)[2:], lr=0.3, momentum=0.9, weight_decay=0.05),
+          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=17)),
+         (lambda p: torch.optim.AdamW(list(p)[2:], lr=0.05, weight_decay=0.5),
+          lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17))],
+    ),
     # OneCycleLR cycles SGD's momentum and Adam's β1 along with the learning rate
     "one-cycle": (
         lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),

@@ -247,15 +247,19 @@ def test_lanczos_in_float32_agrees_with_float64():
 
 # --- exactness against retraining ---------------------------------------------------------------
 
-def _quadratic_run(tmp_path, batch_size=16):
-    """Linear regression with squared error: the training loss is exactly quadratic (constant Hessian per batch)."""
+def _quadratic_run(tmp_path, batch_size=16, b_params=lambda params: params):
+    """Linear regression with squared error: the training loss is exactly quadratic (constant Hessian per batch).
+
+    ``b_params(params)``: what stage b's optimizer is given (default: every parameter).
+    """
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
     mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
     stages = [
         sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
                  batch_size=batch_size, seed=1),
-        sc.Stage("b", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.8, nesterov=True, weight_decay=0.01),
+        sc.Stage("b", (X, Y), mse, lambda p: torch.optim.SGD(b_params(list(p)), lr=0.03, momentum=0.8, nesterov=True,
+                                                             weight_decay=0.01),
                  steps=16, batch_size=batch_size, seed=2,
                  scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
         sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
@@ -280,6 +284,7 @@ def test_exact_replay_equals_retraining_on_a_quadratic_model(tmp_path, curvature
 @pytest.mark.parametrize("optimizer", [
     lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
     lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
+    lambda p: torch.optim.AdamW(list(p)[:1], lr=0.02, weight_decay=0.1),  # the weight alone
 ])
 def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_path, optimizer):
     """Adam's own map is tracked, not linearised: with a quadratic loss the replay is exact through Adam too."""
@@ -320,6 +325,25 @@ def test_segments_with_a_constant_hessian_are_exact_at_any_length(tmp_path, cent
     truth = sc.retrain_effects(run, behaviour, progress=False)
     options = C.segments(curvature="hessian", segment_steps=16, curvature_examples=1, krylov_dim=14, centred=centred)
     est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+
+
+ONLY_SOME = {
+    "the weight alone": lambda params: params[:1],
+    "the bias in a group with lr 0": lambda params: [{"params": params[1:], "lr": 0.0}, {"params": params[:1]}],
+}
+
+
+@pytest.mark.parametrize("trained", sorted(ONLY_SOME))
+@pytest.mark.parametrize("scheme", ["exact", "segments"])
+def test_a_stage_that_trains_some_parameters_is_exact_on_a_quadratic_model(tmp_path, trained, scheme):
+    """Stage b leaves the bias alone, yet stage a's change to the bias moves b's weight through the curvature."""
+    run, behaviour = _quadratic_run(tmp_path, batch_size=64, b_params=ONLY_SOME[trained])
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    options = C.exact("hessian") if scheme == "exact" else C.segments(
+        curvature="hessian", segment_steps=16, curvature_examples=1, krylov_dim=14)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+    assert np.abs(truth.effects).max() > 0.1
     np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
 
 

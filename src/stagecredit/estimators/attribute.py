@@ -104,9 +104,12 @@ def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tens
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     model = run.build_model()
-    final = {name: p.detach() for name, p in model.named_parameters()}
-    if set(final) != set(run.parameter_names):
-        raise ValueError("the model built for this run does not have the recorded parameters")
+    built = {name: p.detach() for name, p in model.named_parameters()}
+    missing = [name for name in run.parameter_names if name not in built]
+    if missing:
+        raise ValueError(f"the model built for this run lacks the recorded parameters {missing[:5]}")
+    # parameters no stage trains keep the values the model was loaded with
+    final = {name: built[name] for name in run.parameter_names}
     rows, seconds = [], []
     final_values = behaviour_at(model, behaviour, final) if mode == "model" else None
     for emb in embeddings:

@@ -252,6 +252,9 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
                                   "for this stage instead", stacklevel=2)
                     d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options,
                                                        lambda: None)
+            # neither run hands on a buffer for a parameter this stage's optimizer does not hold
+            held = run.held_names(j)
+            d_state = {n: v if n in held else torch.zeros_like(v) for n, v in d_state.items()}
     out: dict[int, list[dict[str, torch.Tensor]]] = {
         k: [{} for _ in perturbations] for k, perturbations in entering.items()}
     for row, (k, i) in enumerate(rows):
@@ -280,7 +283,14 @@ def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
     def curvature(batch, params_before):
         product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("source"),
                                     buffers=dict(model.named_buffers()))
-        return lambda theta: flat.unflatten(product(flat.flatten({n: v.to(dtype) for n, v in theta.items()})))
+
+        def apply(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            rows = next(iter(theta.values())).shape[0]  # tangents cover the parameters this stage trains
+            full = {n: theta[n].to(dtype) if n in theta else torch.zeros(rows, *shape, dtype=dtype)
+                    for n, shape in zip(flat.names, flat.shapes)}
+            return flat.unflatten(product(flat.flatten(full)))
+
+        return apply
 
     from stagecredit.estimators.source_tangents import SourceTangents
 
@@ -354,6 +364,8 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         for g, group_names in enumerate(record.param_groups):
             hp = steps[s]["groups"][g]
             for n in group_names:
+                if params[n].grad is None:  # torch's optimizers skip it: it does not move, and no state changes
+                    continue
                 hvp = (lambda _x, n=n: hv[n])
                 if kind == SGD:
                     state["theta"][n], state["buf"][n] = sgd_tangent_step(
@@ -413,49 +425,63 @@ def _check_segment_hyperparameters(steps: list[dict], record) -> None:
 def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
     """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters.
 
-    ``preconditioner(hp)``: Adam's frozen ``1/(√v̂+ε)`` per parameter for the hyper-parameters ``hp``.
+    ``preconditioner(hp)``: Adam's frozen ``1/(√v̂+ε)`` for the hyper-parameters
+    ``hp``, for every parameter Adam has stepped. ``S`` is zero on the
+    parameters the segment does not move: those outside the optimizer, those it
+    never stepped, and groups whose learning rate is zero where the reference
+    group's is largest. The reference group, whose schedule the scalar
+    recurrence follows, is the first with a positive learning rate in the
+    segment; when none has one, ``S`` is zero everywhere.
     """
     record = run.stage_records[j - 1]
     names = run.parameter_names
-    flat_sizes = {n: run.parameters(j)[n].numel() for n in names}
+    sizes = {n: run.parameters(j)[n].numel() for n in names}
     _check_segment_hyperparameters(steps[a:b], record)
-    # learning-rate ratios between groups, at the segment step where the first group's lr is largest
-    ref = max(range(a, b), key=lambda s: steps[s]["groups"][0]["lr"])
-    lr0 = steps[ref]["groups"][0]["lr"]
-    decoupled = kind == ADAM and steps[a]["groups"][0].get("decoupled_weight_decay", False)
-    scale = {}
-    decay = {}
+    scale = {n: torch.zeros(sizes[n], dtype=torch.float64) for n in names}
+    decay = {n: torch.zeros(sizes[n], dtype=torch.float64) for n in names}
+    g0 = next((g for g in range(len(record.param_groups)) if any(steps[s]["groups"][g]["lr"] > 0 for s in range(a, b))),
+              0)
+    # learning-rate ratios between groups, at the segment step where the reference group's lr is largest
+    ref = max(range(a, b), key=lambda s: steps[s]["groups"][g0]["lr"])
+    lr0 = steps[ref]["groups"][g0]["lr"]
+    decoupled = kind == ADAM and steps[a]["groups"][g0].get("decoupled_weight_decay", False)
+    precond = preconditioner(steps[a]["groups"][g0]) if kind == ADAM and lr0 > 0 else {}
     for g, group_names in enumerate(record.param_groups):
         hp = steps[ref]["groups"][g]
-        ratio = hp["lr"] / lr0 if lr0 > 0 else 1.0
-        if decoupled and abs(hp["lr"] * hp.get("weight_decay", 0.0) - lr0 * steps[ref]["groups"][0].get("weight_decay", 0.0)) > 1e-12:
+        ratio = hp["lr"] / lr0 if lr0 > 0 else 0.0
+        if ratio > 0 and decoupled and abs(
+                hp["lr"] * hp.get("weight_decay", 0.0) - lr0 * steps[ref]["groups"][g0].get("weight_decay", 0.0)) > 1e-12:
             raise UnsupportedOptimizerError(
                 f"stage {record.name!r}: param groups differ in lr × weight_decay under decoupled decay; use "
                 "CurvatureOptions(scheme='exact')."
             )
         for n in group_names:
-            scale[n] = torch.full((flat_sizes[n],), ratio, dtype=torch.float64)
-            decay[n] = torch.full((flat_sizes[n],), 0.0 if decoupled else hp.get("weight_decay", 0.0), dtype=torch.float64)
-    if kind == ADAM:
-        precond = preconditioner(steps[a]["groups"][0])
-        for n in names:
-            scale[n] = scale[n] * precond[n].reshape(-1)
+            if kind == ADAM:
+                if n in precond:  # else Adam never stepped it (no gradient): it does not move
+                    scale[n] = ratio * precond[n].reshape(-1)
+            else:
+                scale[n] = torch.full((sizes[n],), ratio, dtype=torch.float64)
+            decay[n] = torch.full((sizes[n],), 0.0 if decoupled else hp.get("weight_decay", 0.0), dtype=torch.float64)
     S = torch.cat([scale[n].sqrt() for n in names])
     Lam = torch.cat([decay[n] for n in names])
-    # the scalar recurrence runs on the first group's schedule with coupled decay folded into the operator
-    reference = [{**s, "groups": [{**s["groups"][0], **({} if decoupled else {"weight_decay": 0.0})}]}
+    # the scalar recurrence runs on the reference group's schedule with coupled decay folded into the operator
+    reference = [{**s, "groups": [{**s["groups"][g0], **({} if decoupled else {"weight_decay": 0.0})}]}
                  for s in steps[a:b]]
     return S, Lam, reference
 
 
 def _v_hat(opt_state: Optional[dict], hp: dict, names) -> Optional[dict[str, torch.Tensor]]:
-    """Adam's bias-corrected second moment in a recorded optimizer state (None before its first step)."""
+    """Adam's bias-corrected second moment in a recorded optimizer state, for the parameters it has stepped.
+
+    None before Adam's first step.
+    """
     if opt_state is None or not any(k.endswith("/step") and float(v) > 0 for k, v in opt_state.items()):
         return None
     out = {}
     for n in names:
         key = f"{n}/max_exp_avg_sq" if hp.get("amsgrad", False) else f"{n}/exp_avg_sq"
-        out[n] = opt_state[key].to(torch.float64) / (1 - hp["betas"][1] ** float(opt_state[f"{n}/step"]))
+        if key in opt_state:
+            out[n] = opt_state[key].to(torch.float64) / (1 - hp["betas"][1] ** float(opt_state[f"{n}/step"]))
     return out
 
 
@@ -470,16 +496,15 @@ def _stage_preconditioner(run, j, hp) -> dict[str, torch.Tensor]:
     ``v̂`` is the preconditioner of the steps where the coordinate was active,
     which keeps the frozen recurrence as damped as the real one there. The
     checkpoints are read one at a time (a running maximum), so memory does not
-    grow with the stage's length.
+    grow with the stage's length. Parameters Adam never stepped have no entry.
     """
     names = run.parameter_names
-    largest: Optional[dict[str, torch.Tensor]] = None
+    largest: dict[str, torch.Tensor] = {}
     states = (run.inner_checkpoint(j, s)[1] for s in run.inner_checkpoint_steps(j))
     for state in itertools.chain(states, [run.optimizer_state(j)]):
-        v_hat = _v_hat(state, hp, names)
-        if v_hat is not None:
-            largest = v_hat if largest is None else {n: torch.maximum(largest[n], v_hat[n]) for n in names}
-    return {n: 1.0 / (largest[n].sqrt() + hp["eps"]) for n in names}
+        for n, v in (_v_hat(state, hp, names) or {}).items():
+            largest[n] = v if n not in largest else torch.maximum(largest[n], v)
+    return {n: 1.0 / (v.sqrt() + hp["eps"]) for n, v in largest.items()}
 
 
 def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[int, int, int]]:
@@ -501,21 +526,24 @@ def _segment_bounds(run: Run, j: int, options: CurvatureOptions) -> list[tuple[i
     return [(a, b, min(points, key=lambda p: (abs(2 * p - a - b), p))) for a, b in zip(cuts, cuts[1:])]
 
 
-def cap_growth(tt: torch.Tensor, ts: torch.Tensor, st: torch.Tensor, ss: torch.Tensor):
-    """Scale each mode's 2×2 segment map down to spectral radius 1 where the linearisation says it grows.
+def cap_growth(to_theta: torch.Tensor, to_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale each mode's segment map down to spectral radius 1 where the linearisation says it grows.
 
-    With the curvature frozen over a segment, a direction sharper than the
-    optimizer's stability edge (e.g. ``η λ > 2(1 + μ)`` for heavy-ball SGD) grows
-    geometrically in the linear model, although real training at the edge of
-    stability stays bounded along it: the linearisation is invalid there, and
-    left alone it sends the estimate to 1e15 and beyond. Capping keeps such
-    a mode's phase and holds its size.
+    ``to_theta``/``to_state`` stack the map's columns: from ``(δθ, δs) = (1, 0)``,
+    from ``(0, 1)``, then any further columns (the response to a forcing), which
+    are scaled with the mode. With the curvature frozen over a segment, a
+    direction sharper than the optimizer's stability edge (e.g. ``η λ > 2(1 + μ)``
+    for heavy-ball SGD) grows geometrically in the linear model, although real
+    training at the edge of stability stays bounded along it: the linearisation
+    is invalid there, and left alone it sends the estimate to 1e15 and beyond.
+    Capping keeps such a mode's phase and holds its size.
     """
+    tt, ts, st, ss = to_theta[0], to_theta[1], to_state[0], to_state[1]
     trace, det = tt + ss, tt * ss - ts * st
     disc = torch.sqrt((trace * trace - 4 * det).to(torch.complex128))
     radius = torch.maximum(((trace + disc) / 2).abs(), ((trace - disc) / 2).abs())
     scale = torch.where(radius > 1, 1 / radius, torch.ones_like(radius))
-    return tt * scale, ts * scale, st * scale, ss * scale
+    return to_theta * scale, to_state * scale
 
 
 def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
@@ -524,13 +552,14 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     steps = stage_steps(run, j)
     names = run.parameter_names
     flat = FlatParams.of(run.parameters(j), names)
-    fresh = _fresh_names(run, j, kind)
+    held = run.held_names(j)
+    fresh = {n: f for n, f in _fresh_names(run, j, kind).items() if n in held}
     if len(set(fresh.values())) > 1:
         raise UnsupportedOptimizerError(
             f"stage {stage.name!r}: some parameters carry a momentum buffer and others do not; use "
             "CurvatureOptions(scheme='exact')."
         )
-    stage_fresh = next(iter(fresh.values()))
+    stage_fresh = next(iter(fresh.values()), True)
     batches = run.batch_indices(j)
     per_batch = max(1, batches.shape[1])  # batch_indices is [steps, batch_size]
     steps_in_stage = run.stage_records[j - 1].steps
@@ -538,6 +567,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     work = torch.promote_types(dtype, torch.float32)
     theta = flat.flatten(d_theta).to(torch.float64)
     buf = flat.flatten(d_state).to(torch.float64)
+    B = theta.shape[0]
     preconditioners: dict[str, dict[str, torch.Tensor]] = {}  # per (betas, eps, amsgrad): one pass over the states
 
     def preconditioner(hp: dict) -> dict[str, torch.Tensor]:
@@ -548,6 +578,12 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
 
     loaded: tuple[Optional[int], Any] = (None, None)  # the last frozen point read (uncached, may serve several)
     for a, b, at in _segment_bounds(run, j, options):
+        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
+        moving = S > 0
+        if not bool(moving.any()):  # no learning rate anywhere in the segment: nothing moves
+            for _ in range(b - a):
+                advance()
+            continue
         if loaded[0] != at:
             loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_checkpoint(j, at)[0])
         state_dict = loaded[1]
@@ -556,7 +592,6 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         batch = collate(stage.data, batches[picks].reshape(-1))
         product = curvature_product(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
                                     options.curvature_for("segments"), buffers=_buffers(probe, state_dict))
-        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.
@@ -567,33 +602,37 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             cx = product(sx.to(dtype)).to(work)
             return S_ * (cx if Lam_ is None else cx + Lam_ * sx)
 
-        u, w = (theta / S).to(work), (buf * S).to(work)
         first = stage_fresh and a == 0
+        # The segment moves u = δθ/S and w = S δs on the coordinates it moves (the scaled steps are polynomials in
+        # the operator A). The coordinates it does not move keep their δθ, which still shifts the gradient of the
+        # others by C δθ_frozen: a constant forcing, S C δθ_frozen in scaled terms.
+        still = torch.where(moving, 0.0, theta)
+        blocks = [((theta * torch.where(moving, 1 / S, 0.0)).to(work), 0)]  # (rows, column of the map they take)
+        if not first and bool((buf != 0).any()):
+            blocks.append(((buf * S).to(work), 1))
+        if bool((still != 0).any()):
+            blocks.append((S_ * product(still.to(dtype)).to(work), 2))
 
-        def scalar_maps(ritz: torch.Tensor):
-            # both columns of the 2×2 map in one walk over the segment's steps: from (1, 0) and from (0, 1)
-            twice = torch.stack([ritz, ritz])
+        def from_rows(ritz: torch.Tensor):
+            # the map's columns in one walk over the segment's steps: from (δθ, δs) = (1, 0), from (0, 1), and the
+            # response to a unit constant forcing from (0, 0); each block of rows takes its own column
+            three = torch.stack([ritz, ritz, ritz])
             one, zero = torch.ones_like(ritz), torch.zeros_like(ritz)
-            to_theta, to_state = propagate_through_stage(torch.stack([one, zero]), torch.stack([zero, one]),
-                                                         reference, 0, kind, fresh=first,
-                                                         hvp_at=lambda _i: (lambda x: twice * x))
-            return cap_growth(to_theta[0], to_theta[1], to_state[0], to_state[1])
+            unit = torch.stack([zero, zero, one])
+            to_theta, to_state = cap_growth(*propagate_through_stage(
+                torch.stack([one, zero, zero]), torch.stack([zero, one, zero]), reference, 0, kind, fresh=first,
+                hvp_at=lambda _i: (lambda x: three * x + unit)))
+            return tuple(torch.cat([m[column, i * B:(i + 1) * B] for i, (_, column) in enumerate(blocks)])
+                         for m in (to_theta, to_state))
 
-        # δθ ← T_θθ(A) δθ + T_θs(A) δs, δs ← T_sθ(A) δθ + T_ss(A) δs (scaled). The Krylov spaces of δθ and δs are
-        # built side by side (one product call for both, so per-call overhead is paid once) and every map comes
-        # from one eigendecomposition per basis.
-        B = u.shape[0]
-        if first or not bool((w != 0).any()):
-            new_u, new_w = krylov_functions_apply(*lanczos(operator, u, options.krylov_dim),
-                                                  lambda r: scalar_maps(r)[0::2])
-        else:
-            def from_rows(ritz: torch.Tensor):
-                tt, ts, st, ss = scalar_maps(ritz)  # rows [:B] carry δθ's basis, rows [B:] δs's
-                return torch.cat([tt[:B], ts[B:]]), torch.cat([st[:B], ss[B:]])
-
-            to_u, to_w = krylov_functions_apply(*lanczos(operator, torch.cat([u, w]), options.krylov_dim), from_rows)
-            new_u, new_w = to_u[:B] + to_u[B:], to_w[:B] + to_w[B:]
-        theta, buf = S * new_u.to(torch.float64), new_w.to(torch.float64) / S
+        # The Krylov spaces of all blocks are built side by side (one product call for all, so per-call overhead is
+        # paid once) and every map comes from one eigendecomposition per basis.
+        rows = torch.cat([r for r, _ in blocks])
+        to_u, to_w = krylov_functions_apply(*lanczos(operator, rows, options.krylov_dim), from_rows)
+        new_u = sum(to_u[i * B:(i + 1) * B] for i in range(len(blocks))).to(torch.float64)
+        new_w = sum(to_w[i * B:(i + 1) * B] for i in range(len(blocks))).to(torch.float64)
+        theta = S * new_u + still
+        buf = torch.where(moving, new_w * torch.where(moving, 1 / S, 0.0), buf)
         for _ in range(b - a):
             advance()
     return (flat.unflatten(theta.to(dtype)), flat.unflatten(buf.to(dtype)))

@@ -51,12 +51,15 @@ def _state_tensor(run: Run, k: Optional[int], name: str, key: str, like: torch.T
 
 
 def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTransition]:
-    """The ``H = 0`` transition of stage ``j``, per parameter name."""
+    """The ``H = 0`` transition of stage ``j`` for every parameter of the run."""
     kind = stage_kind(run, j, method)
     record = run.stage_records[j - 1]
     steps = stage_steps(run, j)
     source = carried_state_source(run, j)
-    out: dict[str, StageTransition] = {}
+    # a parameter outside the optimizer, or one it holds but never stepped (no gradient), does not move
+    stepped = run.optimizer_state(j) if kind == ADAM else {}
+    out = {n: StageTransition.untouched() for n in run.parameter_names
+           if n not in run.held_names(j) or (kind == ADAM and f"{n}/exp_avg" not in stepped)}
     if kind == ADAM and source is not None:
         warnings.warn(
             f"stage {record.name!r} carries Adam state from the stage before it: 'aa' propagates the difference in "
@@ -65,6 +68,7 @@ def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTr
             stacklevel=2,
         )
     for g, names in enumerate(record.param_groups):
+        names = [n for n in names if n not in out]
         hp = steps[-1]["groups"][g]
         coupled_decay = any(s["groups"][g].get("weight_decay", 0.0) != 0 for s in steps) and not hp.get(
             "decoupled_weight_decay", False

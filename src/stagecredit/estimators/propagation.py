@@ -189,6 +189,11 @@ class StageTransition:
     def identity(cls) -> "StageTransition":
         return cls(1.0, 0.0, 0.0, 1.0)
 
+    @classmethod
+    def untouched(cls) -> "StageTransition":
+        """A parameter the stage's optimizer never steps: ``δθ`` passes through, and neither run hands on a buffer."""
+        return cls(1.0, 0.0, 0.0, 0.0)
+
     def then(self, later: "StageTransition") -> "StageTransition":
         """The map that applies ``self`` first and ``later`` after it."""
         return StageTransition(

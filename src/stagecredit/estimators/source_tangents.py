@@ -167,8 +167,12 @@ class SourceTangents:
         self.state[n] = self.cf_exp_avg[n] - self.exp_avg[n]
 
     def tangent(self, j: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(δθ, δs)`` of source ``j`` at the end of the stage."""
-        return {n: v[j] for n, v in self.theta.items()}, {n: v[j] for n, v in self.state.items()}
+        """``(δθ, δs)`` of source ``j`` at the end of the stage, for every parameter (zero where the stage trains none)."""
+        def zero(n):
+            return torch.zeros_like(self.params[n], dtype=torch.float64)
+
+        return ({n: self.theta[n][j] if n in self.theta else zero(n) for n in self.params},
+                {n: self.state[n][j] if n in self.state else zero(n) for n in self.params})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """``"<source>/theta/<param>"`` and ``"<source>/state/<param>"`` tensors (float64) to record."""

@@ -237,7 +237,18 @@ class Run:
 
     @cached_property
     def parameter_names(self) -> list[str]:
-        return [name for groups in self.stage_records[0].param_groups for name in groups]
+        """Every parameter some stage's optimizer holds: the first stage's in its order, then each later one's new ones.
+
+        A stage may train a subset (a head, adapters): the names are the union
+        over all stages, so a parameter frozen in one stage still carries the
+        changes of the stages that train it.
+        """
+        names = (name for record in self.stage_records for groups in record.param_groups for name in groups)
+        return list(dict.fromkeys(names))
+
+    def held_names(self, k: int) -> set[str]:
+        """The parameters stage k's optimizer holds; the others do not move in stage k."""
+        return {name for groups in self.stage_records[k - 1].param_groups for name in groups}
 
     def optimizer_state(self, k: int) -> dict[str, torch.Tensor]:
         """Per-parameter optimizer state at the end of stage k, keyed ``"<param>/<key>"``."""
