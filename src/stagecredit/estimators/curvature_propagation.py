@@ -500,7 +500,7 @@ def _stage_preconditioner(run, j, hp) -> dict[str, torch.Tensor]:
     """
     names = run.parameter_names
     largest: dict[str, torch.Tensor] = {}
-    states = (run.inner_checkpoint(j, s)[1] for s in run.inner_checkpoint_steps(j))
+    states = (run.inner_optimizer_state(j, s) for s in run.inner_checkpoint_steps(j))
     for state in itertools.chain(states, [run.optimizer_state(j)]):
         for n, v in (_v_hat(state, hp, names) or {}).items():
             largest[n] = v if n not in largest else torch.maximum(largest[n], v)
@@ -585,7 +585,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
                 advance()
             continue
         if loaded[0] != at:
-            loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_checkpoint(j, at)[0])
+            loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_state_dict(j, at))
         state_dict = loaded[1]
         count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch), b - a)
         picks = torch.linspace(a, b - 1, count).round().long().unique()

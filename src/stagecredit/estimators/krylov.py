@@ -31,6 +31,9 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tenso
     for j in range(m):
         Q[:, j] = q
         w = matvec(q)
+        if j + 1 == m:  # the last vector only needs its Rayleigh quotient: nothing is orthogonalised against it
+            alpha[:, j] = (w * q).sum(dim=1).double()
+            break
         size = w.norm(dim=1)
         basis = Q[:, : j + 1]
         # full re-orthogonalisation against every basis vector so far, twice ("twice is enough"); the first
@@ -39,11 +42,10 @@ def lanczos(matvec: Callable[[torch.Tensor], torch.Tensor], vectors: torch.Tenso
         alpha[:, j] = coeffs[:, j].double()
         w = w - _combine(coeffs, basis)
         w = w - _combine(_coefficients(basis, w), basis)
-        if j + 1 < m:
-            b = w.norm(dim=1)
-            alive = b > tol * size  # otherwise the Krylov space is exhausted: stop this vector's basis
-            beta[:, j] = torch.where(alive, b, 0).double()
-            q = w * torch.where(alive, 1 / b, 0)[:, None]
+        b = w.norm(dim=1)
+        alive = b > tol * size  # otherwise the Krylov space is exhausted: stop this vector's basis
+        beta[:, j] = torch.where(alive, b, 0).double()
+        q = w * torch.where(alive, 1 / b, 0)[:, None]
     T = torch.diag_embed(alpha) + torch.diag_embed(beta[:, :-1], 1) + torch.diag_embed(beta[:, :-1], -1)
     return norms, Q, T
 

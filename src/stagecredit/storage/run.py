@@ -267,12 +267,23 @@ class Run:
         stage records many, and holding them would make memory grow with its
         length.
         """
+        return self.inner_state_dict(k, step), self.inner_optimizer_state(k, step)
+
+    def inner_state_dict(self, k: int, step: int) -> dict[str, torch.Tensor]:
+        """The state dict entering ``step`` of stage k (read from disk, not kept; see :meth:`inner_checkpoint`)."""
+        return self.checkpoint(k - 1) if step == 0 else self._load(self._inner_entry(k, step)["checkpoint"], cache=False)
+
+    def inner_optimizer_state(self, k: int, step: int) -> Optional[dict[str, torch.Tensor]]:
+        """The optimizer state entering ``step`` of stage k (None: a fresh optimizer; read, not kept)."""
         if step == 0:
             carried = self.stage_records[k - 1].carry_optimizer_state and k >= 2
-            return self.checkpoint(k - 1), (self.optimizer_state(k - 1) if carried else None)
+            return self.optimizer_state(k - 1) if carried else None
+        return self._load(self._inner_entry(k, step)["optimizer_state"], cache=False)
+
+    def _inner_entry(self, k: int, step: int) -> dict[str, Any]:
         for entry in self._entry(k).get("inner_checkpoints", []):
             if entry["step"] == step:
-                return self._load(entry["checkpoint"], cache=False), self._load(entry["optimizer_state"], cache=False)
+                return entry
         raise KeyError(f"stage {k} has no checkpoint entering step {step}; recorded: {self.inner_checkpoint_steps(k)}")
 
     def sources(self, k: int) -> list[str]:
