@@ -18,7 +18,9 @@ figures move that much with the seeds of initialisation and batch order. So
 every pipeline is also recorded with ``--seeds`` − 1 more seed offsets (every
 seed + 100·offset; same data), retrained, and scored again, and a third table
 gives the mean ± standard deviation and the minimum over all seeds (linear
-mode). Writes benchmarks/results/curvature_schemes.{json,md}.
+and model mode). The ``secant`` variants take each tangent's curvature part of
+the way along it (``CurvatureOptions(secant=…)``). Writes
+benchmarks/results/curvature_schemes.{json,md}.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ VARIANTS = {
     "segments: 25 steps": C(segment_steps=25),
     "segments: 100 steps": C(segment_steps=100),
     DENSE_LABEL: C(),
+    "replay, Hessian, secant 0.5 (curvature at θ + δθ/2)": C(scheme="exact", secant=0.5),
+    "replay, Hessian, secant 0.25": C(scheme="exact", secant=0.25),
+    "segments: secant 0.5": C(secant=0.5),
+    "segments: Hessian, secant 0.5": C(curvature="hessian", secant=0.5),
 }
 DENSE_EVERY = 10
 
@@ -107,21 +113,24 @@ def main() -> None:
         ))
         for table in tables[-2:]:
             table.print()
-        by_seed = {label: [row["pearson_linear"]] for label, row in
-                   ((r["variant"], r) for r in rows if r["pipeline"] == name)}
+        by_seed = {mode: {r["variant"]: [r[f"pearson_{mode}"]] for r in rows if r["pipeline"] == name}
+                   for mode in ("linear", "model")}
         for offset in range(1, args.seeds):
             for label, scores in _seed_scores(name, offset).items():
-                by_seed[label].append(scores)
-                rows.append({"pipeline": name, "variant": label, "seed_offset": offset, "pearson_linear": scores})
+                for mode in by_seed:
+                    by_seed[mode][label].append(scores[mode])
+                rows.append({"pipeline": name, "variant": label, "seed_offset": offset,
+                             "pearson_linear": scores["linear"], "pearson_model": scores["model"]})
         if args.seeds > 1:
-            tables.append(_seeds_table(name, run.stages, by_seed))
-            tables[-1].print()
+            for mode in by_seed:
+                tables.append(_seeds_table(name, run.stages, by_seed[mode], mode))
+                tables[-1].print()
     write_results("curvature_schemes", args.only, {"rows": rows}, tables,
                   extra_args=[] if args.seeds == 5 else [f"--seeds {args.seeds}"])
 
 
-def _seed_scores(name: str, offset: int) -> dict[str, list[float]]:
-    """Linear-mode Pearson r per stage of every variant, on the pipeline recorded with seed offset ``offset``."""
+def _seed_scores(name: str, offset: int) -> dict[str, dict[str, list[float]]]:
+    """Pearson r per mode and stage of every variant, on the pipeline recorded with seed offset ``offset``."""
     pipe, behaviour = PIPELINES[name]()
     pipe = reseeded(pipe, offset)
     with tempfile.TemporaryDirectory() as tmp:
@@ -134,13 +143,15 @@ def _seed_scores(name: str, offset: int) -> dict[str, list[float]]:
                                                                                            progress=False)
             run = runs[label if label == DENSE_LABEL else "default"]
             run._cache = {k: v for k, v in run._cache.items() if k[0] not in ("embeddings", "aa-suffix")}
-            estimate = sc.attribute(run, behaviour, "aa" if options is None else "aa-curvature", "linear",
-                                    curvature=options, progress=False)
-            out[label] = [pearson(estimate.effects[k], truth.effects[k]) for k in range(run.num_stages)]
+            out[label] = {}
+            for mode in ("linear", "model"):
+                estimate = sc.attribute(run, behaviour, "aa" if options is None else "aa-curvature", mode,
+                                        curvature=options, progress=False)
+                out[label][mode] = [pearson(estimate.effects[k], truth.effects[k]) for k in range(run.num_stages)]
     return out
 
 
-def _seeds_table(name: str, stages: list[str], by_seed: dict[str, list[list[float]]]) -> Table:
+def _seeds_table(name: str, stages: list[str], by_seed: dict[str, list[list[float]]], mode: str) -> Table:
     count = len(next(iter(by_seed.values())))
     body = []
     for label, runs in by_seed.items():
@@ -148,7 +159,7 @@ def _seeds_table(name: str, stages: list[str], by_seed: dict[str, list[list[floa
         body.append([label] + [f"{m:.3f} ± {sd:.3f} (min {lo:.3f})" for m, sd, lo in
                                zip(scores.mean(0), scores.std(0, ddof=1), scores.min(0))])
     return Table(
-        title=f"{name}: Pearson r with retraining per stage over {count} seeds (linear; mean ± sd, min)",
+        title=f"{name}: Pearson r with retraining per stage over {count} seeds ({mode}; mean ± sd, min)",
         columns=["variant"] + stages,
         rows=body,
         note=f"Seed offsets 0–{count - 1}: every seed of the pipeline (initialisation, batch order) + 100 × offset, "

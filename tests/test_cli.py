@@ -2,7 +2,11 @@
 
 import json
 
+import numpy as np
 from typer.testing import CliRunner
+
+import stagecredit as sc
+from conftest import three_stage_pipeline, toy_eval
 
 from stagecredit.cli.main import app
 
@@ -45,6 +49,16 @@ def test_record_attribute_validate_report(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "curv" / "attribution.json").read_text())
     assert data["method"] == "aa-curvature" and len(data["effects"][0]) == 64
+    result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--secant", "0.5",
+                    "--mode", "model", "--pipeline", "conftest:three_stage_pipeline", "--out", tmp_path / "secant")
+    assert result.exit_code == 0, result.output
+    expected = sc.attribute(sc.Run.load(run, pipeline=three_stage_pipeline()), toy_eval(), "aa-curvature", "model",
+                            curvature=sc.CurvatureOptions(secant=0.5), progress=False)
+    saved = json.loads((tmp_path / "secant" / "attribution.json").read_text())["effects"]
+    np.testing.assert_allclose(saved, expected.effects, rtol=1e-6, atol=1e-7)
+    result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--secant", "2",
+                    "--pipeline", "conftest:three_stage_pipeline")
+    assert result.exit_code == 2 and "secant must lie in [0, 1]" in result.output
     result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature")
     assert result.exit_code == 2 and "pipeline=" in result.output
 

@@ -26,6 +26,8 @@ err = Console(stderr=True)
 PIPELINE_HELP = "The pipeline as 'module:function' (or 'file.py:function') returning a stagecredit.Pipeline."
 EVAL_HELP = ("The behaviour as 'module:function' (or 'file.py:function') returning a behaviour (model -> Tensor[N]) "
              "or an evaluation dataset, whose per-example loss under the last stage's loss_fn is then attributed.")
+SECANT_HELP = ("aa-curvature only: where along each tangent its curvature is taken, as a fraction of it: 0 at the "
+               "recorded parameters, 0.5 the midpoint (second-order accurate; helps early stages with --mode model).")
 
 
 def friendly_errors(fn):
@@ -97,6 +99,7 @@ def attribute(
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
                                "replay, the reference) | auto (the replay, segments for a stage that does not replay "
                                "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
+    secant: float = typer.Option(0.0, help=SECANT_HELP),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     sources: bool = typer.Option(False, "--sources", help="Attribute to every named data source of every stage "
                                  "instead of to the stages."),
@@ -113,7 +116,7 @@ def attribute(
     loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
     estimate = sc.attribute_sources if sources else sc.attribute
-    att = estimate(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme))
+    att = estimate(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme, secant=secant))
     out = out or run / "attribution"
     out.mkdir(parents=True, exist_ok=True)
     table = effects_table(att)
@@ -134,6 +137,7 @@ def validate(
     scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
                                "replay, the reference) | auto (the replay, segments for a stage that does not replay "
                                "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
+    secant: float = typer.Option(0.0, help=SECANT_HELP),
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
@@ -160,7 +164,7 @@ def validate(
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    curvature = sc.CurvatureOptions(scheme=scheme)
+    curvature = sc.CurvatureOptions(scheme=scheme, secant=secant)
     ceilings = {"epsilon": epsilon, "nudge": nudge} if ceilings else False
     if sources:
         report = sc.validate_sources(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
