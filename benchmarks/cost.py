@@ -30,7 +30,10 @@ from stagecredit.reports.tables import Table
 
 WARM_CALLS, WARM_BUDGET_S = 3, 10.0  # median of up to 3 warm calls; fewer once they have taken 10 s
 PHASES = ["forward", "delta/linear", "delta/model", "aa/linear", "aa/model", "aa-curvature/linear", "aa-curvature/model",
-          "aa-curvature exact/linear", "aa-curvature exact/model", "retrain"]
+          "aa-curvature exact/linear", "aa-curvature exact/model", "aa-curvature secant/model",
+          "aa-curvature exact secant/model", "retrain"]
+# the CurvatureOptions of each aa-curvature variant, by the words after "aa-curvature" in its phase
+VARIANTS = {"": {}, "exact": {"scheme": "exact"}, "secant": {"secant": 0.5}, "exact secant": {"scheme": "exact", "secant": 0.5}}
 
 
 def _phase(name: str, run_dir: str, phase: str, queue, settings: dict) -> None:
@@ -55,8 +58,9 @@ def _phase(name: str, run_dir: str, phase: str, queue, settings: dict) -> None:
             sc.retrain_effects(run, behaviour, progress=False)
         else:
             method, mode = phase.split("/")
-            options = sc.CurvatureOptions.exact() if method.endswith(" exact") else None
-            sc.attribute(run, behaviour, method=method.split()[0], mode=mode, curvature=options, progress=False)
+            method, _, variant = method.partition(" ")
+            options = sc.CurvatureOptions(**VARIANTS[variant]) if method == "aa-curvature" else None
+            sc.attribute(run, behaviour, method=method, mode=mode, curvature=options, progress=False)
         return time.perf_counter() - start
 
     first = once()  # includes one-time set-up (torch.func's forward-mode machinery, lazy imports)
@@ -108,7 +112,8 @@ def main() -> None:
                        f"{r['retrain_over_this']:.1f}", f"{r['peak_mib']:.0f}", f"{r['extra_mib']:+.0f}"]
                       for r in rows if r["pipeline"] == name],
                 note="forward = one pass of the behaviour over the evaluation set; aa-curvature = the default "
-                     "(segments), aa-curvature exact = the per-step replay (CurvatureOptions.exact()); retrain = "
+                     "(segments), aa-curvature exact = the per-step replay (CurvatureOptions.exact()), secant = "
+                     "either with CurvatureOptions(secant=0.5); retrain = "
                      "retraining without each stage in turn (ground truth). seconds = median of up to 3 warm calls in a process (first "
                      "call s adds one-time set-up). Ratios use seconds, all from this one run.",
             )
