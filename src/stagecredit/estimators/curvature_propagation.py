@@ -124,8 +124,9 @@ class CurvatureOptions:
       of the segment that hold at least that many (at least one); ``None``: all
       of them. Fidelity grows with it and so does the cost of every product.
 
-    ``secant`` (both schemes): where along each tangent its curvature is
-    taken, as a fraction of ``δθ``. ``0`` (default) is the linearisation at the
+    ``secant`` (both schemes, through the stages after a perturbation; the
+    replay of a stage without one of its sources keeps ``0``): where along each
+    tangent its curvature is taken, as a fraction of ``δθ``. ``0`` (default) is the linearisation at the
     recorded parameters. A removed stage moves the parameters far, and the
     gradient change it causes is the secant ``g(θ + δθ) − g(θ) = ∫₀¹ C(θ + tδθ)
     dt · δθ``; ``secant=0.5`` approximates it by the midpoint rule, correct to
