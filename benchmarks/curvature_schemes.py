@@ -7,8 +7,8 @@ model mode) and seconds for `aa`, the per-step replay (with the Hessian, its
 default, and the GGN; ``scheme="auto"`` equals it when every stage replays bit
 for bit), the replay for Adam stages only (``scheme="adam-replay"``) and segment
 schemes of several lengths, Krylov sizes and curvature samples,
-with the retraining time from the same run. One variant runs on the same
-pipeline recorded with a checkpoint every 10 steps instead of 50, so its
+with the retraining time from the same run. Two variants run on the same
+pipeline recorded with a checkpoint every 10 steps instead of 50, so their
 segments start from fresh parameters. A second table scores the linear
 estimates against removing only 1% of each stage (scaled by 100), the
 quantity a first-order estimate approximates (``sc.truth_ceilings``).
@@ -42,6 +42,8 @@ from stagecredit.reports.tables import Table
 from stagecredit.validation.metrics import pearson
 
 DENSE_LABEL = "default segments (10 steps) on checkpoints every 10"
+DENSE_SECANT_LABEL = "segments: Hessian, secant 0.5, on checkpoints every 10"
+DENSE_LABELS = (DENSE_LABEL, DENSE_SECANT_LABEL)  # variants scored on the recording with denser checkpoints
 VARIANTS = {
     "aa (H = 0)": None,
     "replay, Hessian (exact, auto)": C.exact(),
@@ -64,6 +66,7 @@ VARIANTS = {
     "replay, Hessian, secant 0.25": C(scheme="exact", secant=0.25),
     "segments: secant 0.5": C(secant=0.5),
     "segments: Hessian, secant 0.5": C(curvature="hessian", secant=0.5),
+    DENSE_SECANT_LABEL: C(curvature="hessian", secant=0.5),
 }
 DENSE_EVERY = 10
 
@@ -88,7 +91,7 @@ def main() -> None:
                 "saving more checkpoints changed training; the retraining truth would not apply"
             table_rows, derivative_rows = [], []
             for label, options in VARIANTS.items():
-                on = dense if label == DENSE_LABEL else run
+                on = dense if label in DENSE_LABELS else run
                 row, seconds = _score(on, behaviour, options, truth, derivative)
                 rows.append({"pipeline": name, "variant": label, "seed_offset": 0,
                              "checkpoint_every": on.pipeline.checkpoint_every,
@@ -138,10 +141,10 @@ def _seed_scores(name: str, offset: int) -> dict[str, dict[str, list[float]]]:
         truth = sc.retrain_effects(runs["default"], behaviour, progress=False)  # the dense recording trains the same
         out = {}
         for label, options in VARIANTS.items():
-            if label == DENSE_LABEL and label not in runs:
-                runs[label] = dataclasses.replace(pipe, checkpoint_every=DENSE_EVERY).run(Path(tmp) / f"{name}-dense",
+            if label in DENSE_LABELS and "dense" not in runs:
+                runs["dense"] = dataclasses.replace(pipe, checkpoint_every=DENSE_EVERY).run(Path(tmp) / f"{name}-dense",
                                                                                            progress=False)
-            run = runs[label if label == DENSE_LABEL else "default"]
+            run = runs["dense" if label in DENSE_LABELS else "default"]
             run._cache = {k: v for k, v in run._cache.items() if k[0] not in ("embeddings", "aa-suffix")}
             out[label] = {}
             for mode in ("linear", "model"):
