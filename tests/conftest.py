@@ -67,6 +67,14 @@ def toy_behaviour():
     return sc.PerExampleLoss((X, y), lambda m, b: torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none"))
 
 
+def _with_frozen_first_layer(params, frozen: bool, make):
+    """``make(params)`` after setting the first layer's ``requires_grad`` (weight and bias) to ``not frozen``."""
+    params = list(params)
+    for p in params[:2]:
+        p.requires_grad_(not frozen)
+    return make(params)
+
+
 SGD_ADAMW_SCHEDULES = {
     "sgd-momentum-cosine": (
         lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=1e-3),
@@ -87,6 +95,17 @@ SGD_ADAMW_SCHEDULES = {
           lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=17)),
          (lambda p: torch.optim.AdamW(list(p)[2:], lr=0.05, weight_decay=0.5),
           lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17))],
+    ),
+    # later stages hand the optimizer every parameter but freeze the first layer (requires_grad=False), as
+    # fine-tuning loops do: torch skips it, decay included
+    "frozen-layer": (
+        lambda p: _with_frozen_first_layer(p, False, lambda q: torch.optim.SGD(q, lr=0.2, momentum=0.9)),
+        [(lambda p: _with_frozen_first_layer(p, True, lambda q: torch.optim.SGD(q, lr=0.3, weight_decay=0.05)),
+          lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=17)),
+         (lambda p: _with_frozen_first_layer(p, True, lambda q: torch.optim.SGD(q, lr=0.2, momentum=0.9,
+                                                                                weight_decay=0.05)), None),
+         (lambda p: _with_frozen_first_layer(p, True, lambda q: torch.optim.AdamW(q, lr=0.05, weight_decay=0.5)),
+          None)],
     ),
     # OneCycleLR cycles SGD's momentum and Adam's β1 along with the learning rate
     "one-cycle": (

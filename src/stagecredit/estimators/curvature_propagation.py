@@ -54,6 +54,7 @@ from stagecredit.estimators.optimizers import (
     live_adam_preconditioner,
     stage_kind,
     stage_steps,
+    stepped_names,
 )
 from stagecredit.estimators.propagation import (
     ADAM,
@@ -292,9 +293,9 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
                                   "for this stage instead", stacklevel=2)
                     d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options,
                                                        lambda: None)
-            # neither run hands on a buffer for a parameter this stage's optimizer does not hold
-            held = run.held_names(j)
-            d_state = {n: v if n in held else torch.zeros_like(v) for n, v in d_state.items()}
+            # neither run hands on a buffer for a parameter this stage's optimizer did not step
+            stepped = stepped_names(run, j)
+            d_state = {n: v if n in stepped else torch.zeros_like(v) for n, v in d_state.items()}
     out: dict[int, list[dict[str, torch.Tensor]]] = {
         k: [{} for _ in perturbations] for k, perturbations in entering.items()}
     for row, (k, i) in enumerate(rows):
@@ -468,9 +469,9 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
 
     ``preconditioner(hp)``: Adam's frozen ``1/(√v̂+ε)`` for the hyper-parameters
     ``hp``, for every parameter Adam has stepped. ``S`` is zero on the
-    parameters the segment does not move: those outside the optimizer, those it
-    never stepped, and groups whose learning rate is zero where the reference
-    group's is largest. The reference group, whose schedule the scalar
+    parameters the segment does not move: those the optimizer never stepped
+    (outside it, frozen, unused; ``stepped_names``), and groups whose learning
+    rate is zero where the reference group's is largest. The reference group, whose schedule the scalar
     recurrence follows, is the first with a positive learning rate in the
     segment; when none has one, ``S`` is zero everywhere.
     """
@@ -487,6 +488,7 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     lr0 = steps[ref]["groups"][g0]["lr"]
     decoupled = kind == ADAM and steps[a]["groups"][g0].get("decoupled_weight_decay", False)
     precond = preconditioner(steps[a]["groups"][g0]) if kind == ADAM and lr0 > 0 else {}
+    stepped = stepped_names(run, j)
     for g, group_names in enumerate(record.param_groups):
         hp = steps[ref]["groups"][g]
         ratio = hp["lr"] / lr0 if lr0 > 0 else 0.0
@@ -497,9 +499,10 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
                 "CurvatureOptions(scheme='exact')."
             )
         for n in group_names:
+            if n not in stepped or ratio == 0:  # no gradient all stage (frozen, unused), or no step: no move
+                continue
             if kind == ADAM:
-                if n in precond:  # else Adam never stepped it (no gradient): it does not move
-                    scale[n] = ratio * precond[n].reshape(-1)
+                scale[n] = ratio * precond[n].reshape(-1)
             else:
                 scale[n] = torch.full((sizes[n],), ratio, dtype=torch.float64)
             decay[n] = torch.full((sizes[n],), 0.0 if decoupled else hp.get("weight_decay", 0.0), dtype=torch.float64)
@@ -604,8 +607,8 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     steps = stage_steps(run, j)
     names = run.parameter_names
     flat = FlatParams.of(run.parameters(j), names)
-    held = run.held_names(j)
-    fresh = {n: f for n, f in _fresh_names(run, j, kind).items() if n in held}
+    stepped = stepped_names(run, j)
+    fresh = {n: f for n, f in _fresh_names(run, j, kind).items() if n in stepped}
     if len(set(fresh.values())) > 1:
         raise UnsupportedOptimizerError(
             f"stage {stage.name!r}: some parameters carry a momentum buffer and others do not; use "

@@ -16,6 +16,7 @@ from stagecredit.estimators.optimizers import (
     counterfactual_state_source,
     stage_kind,
     stage_steps,
+    stepped_names,
 )
 from stagecredit.estimators.propagation import ADAM, StageTransition, stage_transition
 from stagecredit.storage.run import Run
@@ -57,9 +58,8 @@ def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTr
     steps = stage_steps(run, j)
     source = carried_state_source(run, j)
     # a parameter outside the optimizer, or one it holds but never stepped (no gradient), does not move
-    held, stepped = run.held_names(j), run.optimizer_state(j) if kind == ADAM else {}
-    out = {n: StageTransition.untouched() for n in run.parameter_names
-           if n not in held or (kind == ADAM and f"{n}/exp_avg" not in stepped)}
+    stepped = stepped_names(run, j)
+    out = {n: StageTransition.untouched() for n in run.parameter_names if n not in stepped}
     if kind == ADAM and source is not None:
         warnings.warn(
             f"stage {record.name!r} carries Adam state from the stage before it: 'aa' propagates the difference in "

@@ -56,6 +56,29 @@ def stage_kind(run: Run, k: int, method: str) -> str:
     return kind
 
 
+def stepped_names(run: Run, k: int) -> set[str]:
+    """The parameters stage k's optimizer stepped at least once; the others did not move in stage k.
+
+    torch's optimizers skip a parameter whose gradient is None (frozen with
+    ``requires_grad=False``, or unused by the loss), weight decay included.
+    Adam and SGD with momentum keep state for every parameter they stepped.
+    Plain SGD keeps none: a parameter whose value did not change through the
+    stage counts as not stepped, which for plain SGD is the same map (no
+    gradient and no decay moved it).
+    """
+    key = ("stepped", k)
+    if key not in run._cache:
+        held = run.held_names(k)
+        state = run.optimizer_state(k)
+        if any(name.endswith(("/exp_avg", "/momentum_buffer")) for name in state):
+            stepped = {n for n in held if f"{n}/exp_avg" in state or f"{n}/momentum_buffer" in state}
+        else:
+            before, after = run.parameters(k - 1), run.parameters(k)
+            stepped = {n for n in held if not torch.equal(before[n], after[n])}
+        run._cache[key] = stepped
+    return run._cache[key]
+
+
 def carried_state_source(run: Run, k: int) -> Optional[int]:
     """The stage whose end-of-stage optimizer state stage ``k`` starts from (None: fresh)."""
     return k - 1 if run.stage_records[k - 1].carry_optimizer_state and k >= 2 else None
