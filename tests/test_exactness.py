@@ -41,6 +41,22 @@ def test_aa_model_mode_exact_with_optimizer_state_carried_across_stages(tmp_path
     assert np.abs(delta.effects - truth.effects).max() > 1e-3
 
 
+def test_aa_leaves_a_frozen_layer_alone_even_with_its_momentum_carried_in(tmp_path, toy_behaviour):
+    """Stage 3 carries stage 2's momentum but freezes the first layer: torch skips it, buffer and all."""
+    from conftest import _with_frozen_first_layer
+
+    sgd = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, weight_decay=0.02)  # noqa: E731
+    frozen = lambda p: _with_frozen_first_layer(p, True, sgd)  # noqa: E731
+    trained = lambda p: _with_frozen_first_layer(p, False, sgd)  # noqa: E731
+    run = _pipeline_with_linear_later_stages(trained, [(trained, None), (frozen, None)], carry=True).run(
+        tmp_path / "r", progress=False)
+    truth = sc.retrain_effects(run, toy_behaviour, progress=False)
+    assert np.abs(truth.effects).max() > 1e-3
+    for method in ("aa", "aa-curvature"):
+        est = sc.attribute(run, toy_behaviour, method=method, mode="model", progress=False)
+        np.testing.assert_allclose(est.effects, truth.effects, atol=2e-5, rtol=1e-4)
+
+
 def test_delta_linear_telescopes_to_total_change(toy_run, toy_behaviour):
     att = sc.attribute(toy_run, toy_behaviour, method="delta", mode="linear")
     model = toy_run.build_model()

@@ -471,9 +471,9 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     ``hp``, for every parameter Adam has stepped. ``S`` is zero on the
     parameters the segment does not move: those the optimizer never stepped
     (outside it, frozen, unused; ``stepped_names``), and groups whose learning
-    rate is zero where the reference group's is largest. The reference group, whose schedule the scalar
-    recurrence follows, is the first with a positive learning rate in the
-    segment; when none has one, ``S`` is zero everywhere.
+    rate is zero where the reference group's is largest. The reference group,
+    whose schedule the scalar recurrence follows, is the first with a positive
+    learning rate in the segment; when none has one, ``S`` is zero everywhere.
     """
     record = run.stage_records[j - 1]
     names = run.parameter_names

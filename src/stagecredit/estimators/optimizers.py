@@ -61,17 +61,27 @@ def stepped_names(run: Run, k: int) -> set[str]:
 
     torch's optimizers skip a parameter whose gradient is None (frozen with
     ``requires_grad=False``, or unused by the loss), weight decay included.
-    Adam and SGD with momentum keep state for every parameter they stepped.
-    Plain SGD keeps none: a parameter whose value did not change through the
-    stage counts as not stepped, which for plain SGD is the same map (no
-    gradient and no decay moved it).
+    Adam and SGD with momentum keep state for every parameter they stepped
+    (state carried in from the stage before and left as it was does not
+    count). Plain SGD keeps none: a parameter whose value did not change
+    through the stage counts as not stepped, which for plain SGD is the same
+    map (no gradient and no decay moved it).
     """
     key = ("stepped", k)
     if key not in run._cache:
         held = run.held_names(k)
         state = run.optimizer_state(k)
         if any(name.endswith(("/exp_avg", "/momentum_buffer")) for name in state):
-            stepped = {n for n in held if f"{n}/exp_avg" in state or f"{n}/momentum_buffer" in state}
+            source = carried_state_source(run, k)
+            carried = run.optimizer_state(source) if source is not None else {}
+
+            def stepped_here(n: str) -> bool:
+                mark = f"{n}/step" if f"{n}/exp_avg" in state else f"{n}/momentum_buffer"
+                if mark not in state:
+                    return False
+                return mark not in carried or not torch.equal(torch.as_tensor(state[mark]), torch.as_tensor(carried[mark]))
+
+            stepped = {n for n in held if stepped_here(n)}
         else:
             before, after = run.parameters(k - 1), run.parameters(k)
             stepped = {n for n in held if not torch.equal(before[n], after[n])}
