@@ -33,7 +33,8 @@ PHASES = ["forward", "delta/linear", "delta/model", "aa/linear", "aa/model", "aa
           "aa-curvature exact/linear", "aa-curvature exact/model", "aa-curvature secant/model",
           "aa-curvature exact secant/model", "retrain"]
 # the CurvatureOptions of each aa-curvature variant, by the words after "aa-curvature" in its phase
-VARIANTS = {"": {}, "exact": {"scheme": "exact"}, "secant": {"secant": 0.5}, "exact secant": {"scheme": "exact", "secant": 0.5}}
+VARIANTS = {"": {}, "exact": {"scheme": "exact"}, "secant": {"secant": 0.5},
+            "exact secant": {"scheme": "exact", "secant": 0.5}}
 
 
 def _phase(name: str, run_dir: str, phase: str, queue, settings: dict) -> None:
