@@ -1,6 +1,7 @@
 """Hugging Face Trainer and Lightning: real trainers on CPU, recorded stage by stage."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -58,16 +59,21 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     tiny_bert().save_pretrained(tmp_path / "hub")  # a local 'hub' checkpoint: nothing is downloaded
     model = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "hub")
     rec = sc.Recorder(tmp_path / "run", model, model_fn=tiny_bert, checkpoint_every=0)
+    logged = {}
     for stage, lr, seed in (("pretrain", 5e-3, 1), ("finetune", 1e-3, 2)):
         args = transformers.TrainingArguments(
             output_dir=str(tmp_path / stage), max_steps=6, per_device_train_batch_size=4,
             gradient_accumulation_steps=2, learning_rate=lr, lr_scheduler_type="linear", weight_decay=0.01,
-            report_to=[], save_strategy="no", logging_strategy="no", use_cpu=True, seed=seed,
-            disable_tqdm=True,
+            report_to=[], save_strategy="no", logging_strategy="steps", logging_steps=1, use_cpu=True, seed=seed,
+            disable_tqdm=True, max_grad_norm=0.5 if stage == "pretrain" else 1.0,  # 1.0: the Trainer's default
         )
         trainer = transformers.Trainer(model=model, args=args, train_dataset=_Pairs(*_text_data(64, seed)),
                                        callbacks=[StageCreditCallback(rec, stage)])
-        trainer.train()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*does not clip as declared")
+            trainer.train()
+        # the Trainer clips to max_grad_norm; the norm before clipping it logs is the one recorded
+        logged[stage] = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
     run = rec.finish()
     assert run.stages == ["pretrain", "finetune"]
     for k, lr in ((1, 5e-3), (2, 1e-3)):
@@ -76,6 +82,8 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
         lrs = [step["groups"][0]["lr"] for step in run.steps(k)]
         assert lrs == pytest.approx([lr * (6 - i) / 6 for i in range(6)])  # linear decay, read at each real step
         assert [step["adam_step"] for step in run.steps(k)] == list(range(1, 7))
+        assert record.max_grad_norm == (0.5 if k == 1 else 1.0)
+        assert [step["grad_norm"] for step in run.steps(k)] == pytest.approx(logged[record.name], rel=1e-5)
     final = run.checkpoint(2)
     assert all(torch.equal(final[n], p.detach()) for n, p in model.named_parameters())
     behaviour = sc.PerExampleLoss(_text_data(16, 9), _bert_loss, name="toy text loss (nats)")
@@ -124,8 +132,11 @@ def test_lightning_fit_calls_are_recorded_as_stages(tmp_path):
         module.lr = lr
         trainer = L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                             enable_progress_bar=False, enable_model_summary=False,
+                            gradient_clip_val=0.5 if stage == "adapt" else None,
                             callbacks=[StageCreditCallback(rec, stage)])
-        trainer.fit(module, loader)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*does not clip as declared")
+            trainer.fit(module, loader)
     run = rec.finish()
     assert run.stages == ["pretrain", "adapt"]
     for k, lr in ((1, 0.1), (2, 0.05)):
@@ -134,5 +145,7 @@ def test_lightning_fit_calls_are_recorded_as_stages(tmp_path):
         # StepLR per epoch: the lr halves after the first epoch's four steps
         assert [s["groups"][0]["lr"] for s in steps] == pytest.approx([lr] * 4 + [lr / 2] * 4)
         assert steps[0]["groups"][0]["momentum"] == 0.9 and math.isclose(steps[0]["groups"][0]["weight_decay"], 1e-3)
+        assert run.stage_records[k - 1].max_grad_norm == (0.5 if k == 2 else None)
+        assert ("grad_norm" in steps[0]) == (k == 2)
     final = run.checkpoint(2)
     assert all(torch.equal(final[n], p.detach()) for n, p in module.named_parameters())

@@ -51,6 +51,7 @@ from stagecredit.estimators.optimizers import (
     STATE_KEY,
     UnsupportedOptimizerError,
     carried_state_source,
+    clip_coefficients,
     live_adam_preconditioner,
     stage_kind,
     stage_steps,
@@ -62,6 +63,7 @@ from stagecredit.estimators.propagation import (
     adam_counterfactual_step,
     adam_moments,
     adam_tangent_step,
+    clip_rows,
     propagate_through_stage,
     sgd_tangent_step,
 )
@@ -339,7 +341,7 @@ def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
     model.load_state_dict(run.checkpoint(k - 1))
     carried = run.optimizer_state(k - 1) if carried_state_source(run, k) is not None else None
     carried_from = run.stage_records[k - 2].optimizer_class if carried is not None else None
-    tracker = SourceTangents(model, run.sources(k), carried, curvature=curvature)
+    tracker = SourceTangents(model, run.sources(k), carried, curvature=curvature, max_grad_norm=stage.max_grad_norm)
 
     def after_step(s, batch, params_before, optimizer):
         tracker.after_step(s, batch, params_before, optimizer)
@@ -385,6 +387,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     carried_from = run.stage_records[j - 2].optimizer_class if carried is not None else None
     state = {"theta": d_theta, "buf": d_state}
     dtype = d_theta[names[0]].dtype
+    clip = clip_coefficients(run, j)
     counterfactual_adam = kind == ADAM and not any(
         g.get("amsgrad", False) for st in steps for g in st["groups"])
     if counterfactual_adam:
@@ -403,6 +406,8 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         product = _tangent_products(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("replay"),
                                     dict(model.named_buffers()), options.secant, tangents)
         hv = flat.unflatten(product(tangents))
+        if clip is not None:
+            hv = _clipped_change(params, hv, clip[s], record.max_grad_norm)
         for g, group_names in enumerate(record.param_groups):
             hp = steps[s]["groups"][g]
             for n in group_names:
@@ -432,6 +437,22 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     train_stage(model, stage, run.batch_indices(j), carried, carried_from=carried_from, after_step=step_tangents)
     _check_replay(run, j, model)
     return state["theta"], state["buf"]
+
+
+def _clipped_change(params: dict[str, torch.nn.Parameter], hv: dict[str, torch.Tensor], coefficient: float,
+                    max_norm: float) -> dict[str, torch.Tensor]:
+    """The change of a clipped step's gradient, ``clip(g + C δθ) − clip(g)`` per tangent, in ``hv``'s layout.
+
+    ``params[n].grad`` holds the step's clipped gradient ``c g`` (``coefficient``
+    is ``c``). Clipping is applied exactly to each tangent's counterfactual
+    gradient (its norm over all parameters with a gradient), as Adam's map is:
+    a removed stage changes the gradient far, and whether clipping binds with
+    it is not a first-order question. Parameters without a gradient keep ``hv``
+    (the replay skips them).
+    """
+    live = {n: p.grad.to(torch.float64) for n, p in params.items() if p.grad is not None}
+    counterfactual = clip_rows({n: g / coefficient + hv[n].to(torch.float64) for n, g in live.items()}, max_norm)
+    return {n: (counterfactual[n] - live[n]).to(v.dtype) if n in live else v for n, v in hv.items()}
 
 
 # --- segments: frozen curvature, Lanczos over each segment ---------------------------------------
@@ -601,6 +622,26 @@ def cap_growth(to_theta: torch.Tensor, to_state: torch.Tensor) -> tuple[torch.Te
     return to_theta * scale, to_state * scale
 
 
+def _segment_clipping(clip: Optional[list[float]], reference: list[dict], a: int, b: int,
+                      curvature_only: bool) -> tuple[float, list[float]]:
+    """``(c̄, per-step factors)``: how gradient clipping scales the curvature term of segment ``[a, b)``.
+
+    Clipping a gradient ``g`` to norm ``M`` scales the change of the step's
+    gradient by ``c = M / ‖g‖`` (and removes its part along ``g``, which a
+    frozen symmetric operator cannot express and the segments drop). The
+    segment's operator takes the learning-rate-weighted mean ``c̄`` of its
+    steps' factors; when the operator is the curvature alone (no coupled
+    decay), each step's recurrence is rescaled by ``c_s / c̄`` as well, so the
+    factors enter step by step.
+    """
+    if clip is None:
+        return 1.0, [1.0] * (b - a)
+    factors = clip[a:b]
+    lrs = [s["groups"][0]["lr"] for s in reference]
+    mean = sum(lr * c for lr, c in zip(lrs, factors)) / sum(lrs) if sum(lrs) > 0 else sum(factors) / len(factors)
+    return mean, ([c / mean for c in factors] if curvature_only else [1.0] * (b - a))
+
+
 def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     pipeline = run.pipeline
     stage = pipeline.stages[j - 1]
@@ -624,6 +665,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     buf = flat.flatten(d_state).to(torch.float64)
     B = theta.shape[0]
     preconditioners: dict[str, dict[str, torch.Tensor]] = {}  # per (betas, eps, amsgrad): one pass over the states
+    clip = clip_coefficients(run, j)
 
     def preconditioner(hp: dict) -> dict[str, torch.Tensor]:
         key = repr((hp["betas"], hp["eps"], hp.get("amsgrad", False)))
@@ -652,10 +694,13 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.
         S_, Lam_ = S.to(work), (Lam.to(work) if bool(Lam.any()) else None)
+        clipped, per_step = _segment_clipping(clip, reference, a, b, Lam_ is None)
 
         def operator(x: torch.Tensor) -> torch.Tensor:
             sx = S_ * x
             cx = product(sx.to(dtype)).to(work)
+            if clipped != 1.0:
+                cx = clipped * cx
             return S_ * (cx if Lam_ is None else cx + Lam_ * sx)
 
         first = stage_fresh and a == 0
@@ -669,7 +714,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         if not first and bool((buf != 0).any()):
             blocks.append(((buf * S).to(work), 1))
         if still is not None and bool((still != 0).any()):
-            blocks.append((S_ * product(still.to(dtype)).to(work), 2))
+            blocks.append((S_ * clipped * product(still.to(dtype)).to(work), 2))
 
         def from_rows(ritz: torch.Tensor):
             # the map's columns in one walk over the segment's steps: from (δθ, δs) = (1, 0), from (0, 1), and the
@@ -679,7 +724,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             unit = torch.stack([zero, zero, one])
             to_theta, to_state = cap_growth(*propagate_through_stage(
                 torch.stack([one, zero, zero]), torch.stack([zero, one, zero]), reference, 0, kind, fresh=first,
-                hvp_at=lambda _i: (lambda x: three * x + unit)))
+                hvp_at=lambda i: (lambda x: per_step[i] * (three * x + unit))))
             return tuple(torch.cat([m[column, i * B:(i + 1) * B] for i, (_, column) in enumerate(blocks)])
                          for m in (to_theta, to_state))
 

@@ -49,6 +49,21 @@ def stage_steps(run: Run, k: int) -> list[dict]:
     return [{**s, "groups": [{**g, "decoupled_weight_decay": True} for g in s["groups"]]} for s in steps]
 
 
+def clip_coefficients(run: Run, k: int) -> Optional[list[float]]:
+    """Per step of stage k, the factor clipping scaled its gradient by (None: the stage did not clip).
+
+    ``min(1, max_grad_norm / (‖g‖ + 1e-6))``, as ``torch.nn.utils.clip_grad_norm_`` computes it.
+    """
+    limit = run.stage_records[k - 1].max_grad_norm
+    if limit is None:
+        return None
+    norms = [s.get("grad_norm") for s in run.steps(k)]
+    if any(n is None for n in norms):
+        raise ValueError(f"stage {run.stages[k - 1]!r} clipped its gradients, but the run holds no norm before "
+                         "clipping for some of its steps")
+    return [min(1.0, limit / (n + 1e-6)) for n in norms]
+
+
 def stage_kind(run: Run, k: int, method: str) -> str:
     record = run.stage_records[k - 1]
     kind = optimizer_kind(record, method)

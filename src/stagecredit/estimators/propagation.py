@@ -15,6 +15,11 @@ and the optimizer's first-moment buffer (SGD momentum buffer or Adam
   is taken from the optimizer state recorded at the end of the stage (Adam's
   bias-corrected second moment is close to stationary within a stage).
 
+Gradient clipping (``Stage(max_grad_norm=…)``) scales only the loss gradient,
+never the decay: with ``H = 0`` the loss gradient does not change, so ``aa``
+is unaffected; where the curvature is kept, a step's change of gradient is
+that of the clipped gradient (:func:`clip_rows`).
+
 With ``H = 0`` (the ``aa`` estimator) every coefficient is a scalar per
 parameter group — or a per-parameter diagonal when Adam's preconditioner acts
 on a non-zero ``δm`` — so a whole stage collapses to a 2×2 map
@@ -89,6 +94,14 @@ def adam_tangent_step(
         dg = dg + lam * dtheta
     dm = beta1 * dm + (1 - beta1) * dg
     return dtheta - (lr / (1 - beta1**t)) * precond * dm, dm
+
+
+def clip_rows(rows: dict[str, torch.Tensor], max_norm: float) -> dict[str, torch.Tensor]:
+    """Every row ``b`` of ``rows`` (``[B, *shape]`` per parameter) clipped as ``torch.nn.utils.clip_grad_norm_``
+    clips a gradient: scaled by ``min(1, max_norm / (‖row_b‖ + 1e-6))``, the norm taken over every parameter."""
+    squares = sum((v.reshape(v.shape[0], -1).to(torch.float64) ** 2).sum(1) for v in rows.values())
+    scale = (max_norm / (squares.sqrt() + 1e-6)).clamp(max=1.0)
+    return {n: v * scale.reshape(-1, *([1] * (v.ndim - 1))).to(v.dtype) for n, v in rows.items()}
 
 
 def adam_moments(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, grad: torch.Tensor,

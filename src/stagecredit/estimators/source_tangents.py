@@ -37,6 +37,7 @@ from stagecredit.estimators.propagation import (
     adam_counterfactual_step,
     adam_moments,
     adam_tangent_step,
+    clip_rows,
     sgd_tangent_step,
 )
 from stagecredit.recording.optimizer_state import param_names_by_group
@@ -58,8 +59,10 @@ class SourceTangents:
     """
 
     def __init__(self, model: torch.nn.Module, source_names: list[str],
-                 carried_state: Optional[dict[str, torch.Tensor]], curvature=None) -> None:
+                 carried_state: Optional[dict[str, torch.Tensor]], curvature=None,
+                 max_grad_norm: Optional[float] = None) -> None:
         self.model = model
+        self.max_grad_norm = max_grad_norm
         self.source_names = list(source_names)
         self.carried_state = carried_state
         self.curvature = curvature
@@ -123,22 +126,29 @@ class SourceTangents:
         self._advance(s, hyper, grads, weights, optimizer, hv)
 
     def _advance(self, s, hyper, grads, weights, optimizer, hv: Optional[dict[str, torch.Tensor]]) -> None:
+        clipped = None if self.max_grad_norm is None else self._clipped_gradients(grads, weights, hv)
         for g, names in enumerate(self.groups):
             hp = {**hyper[g], "decoupled_weight_decay": True} if self.decoupled else hyper[g]
             for n in names:
                 hvp = None if hv is None else (lambda _x, n=n: hv[n].to(torch.float64))
                 t = None if self.kind == SGD else int(optimizer.state[self.params[n]]["step"])
+                if clipped is not None:  # the curvature term is inside the clipped counterfactual gradients
+                    zero = torch.zeros_like(self.theta[n])  # a parameter without a gradient: no step changes it
+                    hvp, factual, counterfactual = None, clipped[0].get(n, zero[0]), clipped[1].get(n, zero)
+                    forcing = counterfactual - factual
+                elif self.counterfactual_adam:
+                    factual, counterfactual = self._gradients(n, grads, weights)
+                else:
+                    forcing = self._forcing(n, grads, weights)
                 if self.counterfactual_adam:
-                    self._counterfactual_adam(n, hp, t, grads, weights, hvp)
+                    self._counterfactual_adam(n, hp, t, factual, counterfactual, hvp)
                 elif self.kind == SGD:
                     self.theta[n], self.state[n] = sgd_tangent_step(
-                        self.theta[n], self.state[n], hp, first=self.fresh[n] and s == 0, hvp=hvp,
-                        forcing=self._forcing(n, grads, weights))
+                        self.theta[n], self.state[n], hp, first=self.fresh[n] and s == 0, hvp=hvp, forcing=forcing)
                 else:  # amsgrad: the preconditioner from the running maximum, frozen along the tangent
                     precond = live_adam_preconditioner(optimizer, self.params[n], hp).to(torch.float64)
                     self.theta[n], self.state[n] = adam_tangent_step(
-                        self.theta[n], self.state[n], hp, t=t, precond=precond, hvp=hvp,
-                        forcing=self._forcing(n, grads, weights))
+                        self.theta[n], self.state[n], hp, t=t, precond=precond, hvp=hvp, forcing=forcing)
         if self.coupled_decay:
             self.entering = {n: p.detach().to(torch.float64).clone() for n, p in self.params.items()}
 
@@ -151,16 +161,41 @@ class SourceTangents:
                 forcing[j] = -weights[j] * grad.to(torch.float64)
         return forcing
 
-    def _counterfactual_adam(self, n: str, hp: dict, t: int, grads, weights, hvp) -> None:
+    def _gradients(self, n: str, grads, weights) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameter ``n``'s step gradient, and per source (stacked) the gradient without it (float64).
+
+        Each source's counterfactual gradient is summed from the other sources,
+        never by subtraction, so a coordinate only the removed source touched
+        gets exactly zero (Adam would blow up rounding).
+        """
         parts = {j: weights[j] * grads[j][n].to(torch.float64)
                  for j in range(len(self.source_names)) if weights[j] != 0 and n in grads.get(j, {})}
+        zero = torch.zeros_like(self.entering[n])
+        factual = sum(parts.values(), zero)
+        counterfactual = torch.stack([sum((g for i, g in parts.items() if i != j), zero)
+                                      for j in range(len(self.source_names))])
+        return factual, counterfactual
+
+    def _clipped_gradients(self, grads, weights, hv) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The stage clips its gradients: the step's clipped gradient, and per source the clipped counterfactual.
+
+        Each counterfactual (the gradient without the source, plus the
+        curvature term ``C δθ`` when kept) is clipped exactly, its norm taken
+        over every parameter with a gradient, as the stage clipped the real one.
+        """
+        names = sorted({n for j in grads for n in grads[j]}, key=list(self.params).index)
+        pairs = {n: self._gradients(n, grads, weights) for n in names}
+        factual = clip_rows({n: f.unsqueeze(0) for n, (f, _) in pairs.items()}, self.max_grad_norm)
+        counterfactual = clip_rows({n: c + hv[n].to(torch.float64) if hv is not None and n in hv else c
+                                    for n, (_, c) in pairs.items()}, self.max_grad_norm)
+        return {n: v[0] for n, v in factual.items()}, counterfactual
+
+    def _counterfactual_adam(self, n: str, hp: dict, t: int, factual: torch.Tensor, counterfactual: torch.Tensor,
+                             hvp) -> None:
         coupled = 0.0 if self.decoupled or not hp.get("weight_decay", 0.0) else hp["weight_decay"] * self.entering[n]
-        factual = sum(parts.values(), torch.zeros_like(self.entering[n])) + coupled
+        factual = factual + coupled
         self.exp_avg[n], self.exp_avg_sq[n] = adam_moments(self.exp_avg[n], self.exp_avg_sq[n], factual, hp["betas"])
-        # each source's counterfactual gradient is summed from the other sources, never by subtraction,
-        # so a coordinate only the removed source touched gets exactly zero (Adam would blow up rounding)
-        cf_grad = torch.stack([sum((g for i, g in parts.items() if i != j), torch.zeros_like(factual)) + coupled
-                               for j in range(len(self.source_names))])
+        cf_grad = counterfactual + coupled
         self.theta[n], self.cf_exp_avg[n], self.cf_exp_avg_sq[n] = adam_counterfactual_step(
             self.theta[n], self.cf_exp_avg[n], self.cf_exp_avg_sq[n], hp, t=t, exp_avg=self.exp_avg[n],
             exp_avg_sq=self.exp_avg_sq[n], cf_grad=cf_grad, hvp=hvp)

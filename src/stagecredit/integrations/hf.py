@@ -9,7 +9,8 @@
 
 The optimizer the Trainer builds (AdamW by default) and its learning-rate
 schedule are read at every optimizer step, so gradient accumulation records
-one step per real update. Minibatch identities are not recorded (the Trainer's
+one step per real update. The Trainer's gradient clipping (``max_grad_norm``,
+1.0 by default) is recorded with each step's norm before clipping. Minibatch identities are not recorded (the Trainer's
 sampler owns them): ``delta`` and ``aa`` work; retraining and ``aa-curvature``
 need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
 """
@@ -46,7 +47,9 @@ class StageCreditCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if optimizer is None:
             raise RuntimeError("the Trainer created no optimizer before training began; stagecredit cannot record it")
-        self.scope.open(unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler))
+        # the Trainer clips the gradient's norm to args.max_grad_norm (1.0 by default; 0 or None: no clipping)
+        clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
+        self.scope.open(unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler), max_grad_norm=clip)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.scope.close()

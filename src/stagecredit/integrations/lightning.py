@@ -8,13 +8,15 @@
     run = rec.finish()
 
 The optimizer returned by ``configure_optimizers`` (one optimizer) and its
-scheduler are read at every step. Minibatch identities are not recorded:
+scheduler are read at every step, and so is ``gradient_clip_val`` (clipping by
+norm, recorded with each step's norm before clipping). Minibatch identities are not recorded:
 ``delta`` and ``aa`` work; retraining and ``aa-curvature`` need a run recorded
 through ``sc.Pipeline`` or ``rec.batch``.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 try:
@@ -36,7 +38,13 @@ class StageCreditCallback(Callback):
             raise RuntimeError(f"stagecredit records one optimizer per stage; this module configured {len(trainer.optimizers)}")
         configs = getattr(trainer, "lr_scheduler_configs", [])
         scheduler = configs[0].scheduler if configs else None
-        self.scope.open(trainer.optimizers[0], scheduler)
+        clip = trainer.gradient_clip_val or None
+        algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
+        if clip is not None and not algorithm.endswith("norm"):
+            warnings.warn(f"stage {self.scope.name!r}: the Trainer clips gradients by value, which aa-curvature does "
+                          "not model; delta and aa are unaffected", stacklevel=2)
+            clip = None
+        self.scope.open(trainer.optimizers[0], scheduler, max_grad_norm=None if clip is None else float(clip))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.scope.close()

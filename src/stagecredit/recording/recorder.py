@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
@@ -36,7 +37,7 @@ from stagecredit.recording.optimizer_state import (
     param_names_by_group,
     state_tensors,
 )
-from stagecredit.recording.stage import PretrainedStage
+from stagecredit.recording.stage import PretrainedStage, check_max_grad_norm
 from stagecredit.recording.training import StageResult, class_name, external_result, importable_name
 
 
@@ -49,6 +50,7 @@ class _StageInfo:
     batch_size: Optional[int]
     seed: Optional[int]
     carry_optimizer_state: bool
+    max_grad_norm: Optional[float] = None
 
 
 class Recorder:
@@ -96,16 +98,25 @@ class Recorder:
         self._indices: list[list[int]] = []
         self._batch_calls = 0
         self._pending: dict[str, Any] = {}
+        self._clipping: Optional[_ClipMeter] = None
         self._finished = False
 
     @contextlib.contextmanager
     def stage(self, name: str, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
-              seed: Optional[int] = None) -> Iterator["Recorder"]:
+              seed: Optional[int] = None, max_grad_norm: Optional[float] = None) -> Iterator["Recorder"]:
         """Record one stage: every ``optimizer.step()`` inside the block is one recorded step.
 
         An optimizer that already holds state (e.g. the previous stage's) is
         recorded as carrying it over. ``seed``, if given, seeds torch's global RNG
         now (as ``sc.Pipeline`` does at a stage's start) and is recorded.
+
+        ``max_grad_norm``: the loop clips the gradient's total norm to this
+        before every step (``torch.nn.utils.clip_grad_norm_(model.parameters(),
+        max_grad_norm)``). The norm before clipping is then recorded per step:
+        the value ``clip_grad_norm_`` returned if it is passed as
+        ``rec.batch(..., grad_norm=…)``, else measured as the gradients are
+        accumulated. A step whose gradient does not look clipped that way
+        (e.g. scaled by a ``GradScaler`` after backward) is warned about.
         """
         if self._finished:
             raise RuntimeError("this Recorder has finished; start a new one for another run")
@@ -119,6 +130,7 @@ class Recorder:
                 f"stage {name!r} reuses optimizer state, but the previous stage ran {self._last_class} and this one "
                 f"runs {class_name(optimizer)}; state can only be carried between the same optimizer class"
             )
+        check_max_grad_norm(name, max_grad_norm)
         if seed is not None:
             torch.manual_seed(seed)
         groups = param_names_by_group(optimizer, self.model)
@@ -127,6 +139,7 @@ class Recorder:
         k = len(self._entries) + 1
         pending = self._pending = {}
         start = time.perf_counter()
+        clipping = self._clipping = _ClipMeter(self.model, name, max_grad_norm) if max_grad_norm is not None else None
 
         def before(opt, args, kwargs):
             step = len(self._records)
@@ -139,26 +152,37 @@ class Recorder:
             record: dict[str, Any] = {"groups": pending.pop("groups")}
             if "loss" in pending:
                 record["loss"] = pending.pop("loss")
+            # measured after the step: an optimizer given a closure (Lightning) runs backward and clipping inside it
+            measured = clipping.measure() if clipping is not None else None
+            if "grad_norm" in pending:
+                record["grad_norm"] = pending.pop("grad_norm")
+            elif measured is not None:
+                record["grad_norm"] = measured
             t = adam_step_count(opt)
             if t is not None:
                 record["adam_step"] = t
             self._records.append(record)
 
         handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
+        if clipping is not None:
+            handles += clipping.hooks()
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
             self._open = False
+            self._clipping = None
         steps = len(self._records)
         if steps == 0:
             raise RuntimeError(f"stage {name!r} took no optimizer step")
+        if clipping is not None:
+            clipping.check(self._records)
         if self._batch_calls not in (0, steps):
             raise RuntimeError(f"stage {name!r}: rec.batch() was called {self._batch_calls} times for {steps} steps; "
                                "call it once per step, or never")
         indices = torch.tensor(self._indices, dtype=torch.long) if self._indices else None
-        info = _StageInfo(name, steps, None if indices is None else indices.shape[1], seed, carry)
+        info = _StageInfo(name, steps, None if indices is None else indices.shape[1], seed, carry, max_grad_norm)
         result = StageResult(
             optimizer_class=class_name(optimizer),
             scheduler_class=None if scheduler is None else class_name(scheduler),
@@ -171,21 +195,29 @@ class Recorder:
         self._names.add(name)
         self._last_class = result.optimizer_class
 
-    def batch(self, indices: Sequence[int] | torch.Tensor, *, loss: Optional[torch.Tensor | float] = None) -> None:
+    def batch(self, indices: Sequence[int] | torch.Tensor, *, loss: Optional[torch.Tensor | float] = None,
+              grad_norm: Optional[torch.Tensor | float] = None) -> None:
         """Identify the current step's minibatch (dataset indices) and, optionally, its loss.
 
+        ``grad_norm``: in a stage opened with ``max_grad_norm``, the total norm
+        ``clip_grad_norm_`` returned this step (the norm before clipping).
         Call once per step, before or after ``optimizer.step()``.
         """
         if not self._open:
             raise RuntimeError("rec.batch() must be called inside `with rec.stage(...)`")
+        if grad_norm is not None and self._clipping is None:
+            raise ValueError("rec.batch(grad_norm=…) records the norm before clipping: open the stage with "
+                             "rec.stage(..., max_grad_norm=…)")
         self._batch_calls += 1
         self._indices.append([int(i) for i in torch.as_tensor(indices).reshape(-1)])
-        if loss is not None:
-            loss = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        for key, value in (("loss", loss), ("grad_norm", grad_norm)):
+            if value is None:
+                continue
+            value = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
             if self._batch_calls <= len(self._records):  # called after this step's optimizer.step()
-                self._records[self._batch_calls - 1]["loss"] = loss
+                self._records[self._batch_calls - 1][key] = value
             else:
-                self._pending["loss"] = loss
+                self._pending[key] = value
 
     def finish(self, pipeline=None):
         """Write the manifest and return the recorded ``sc.Run``."""
@@ -201,6 +233,55 @@ class Recorder:
         return Run.load(self.path, pipeline=pipeline)
 
 
+class _ClipMeter:
+    """The gradient's total norm before clipping, measured as backward accumulates each parameter's gradient.
+
+    ``measure()`` runs after each step (the step leaves ``.grad`` as it was): it returns that
+    norm, computed as ``clip_grad_norm_`` computes it, and keeps the norm of
+    the gradient about to be stepped. ``check`` warns once, at the end of the
+    stage, if a stepped gradient is not the recorded norm clipped to ``max_norm``.
+    """
+
+    def __init__(self, model: torch.nn.Module, stage: str, max_norm: float) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.stage, self.max_norm = stage, max_norm
+        self.norms: dict[int, torch.Tensor] = {}
+        self.stepped: list[Optional[float]] = []
+
+    def hooks(self) -> list:
+        def keep(p: torch.Tensor) -> None:
+            self.norms[id(p)] = torch.linalg.vector_norm(p.grad.detach())
+
+        return [p.register_post_accumulate_grad_hook(keep) for p in self.params]
+
+    @staticmethod
+    def _total(norms: list[torch.Tensor]) -> Optional[float]:
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
+
+    def measure(self) -> Optional[float]:
+        raw = self._total([self.norms[id(p)] for p in self.params if id(p) in self.norms and p.grad is not None])
+        self.norms = {}
+        self.stepped.append(self._total([torch.linalg.vector_norm(p.grad.detach())
+                                         for p in self.params if p.grad is not None]))
+        return raw
+
+    def check(self, records: list[dict[str, Any]]) -> None:
+        for step, (record, stepped) in enumerate(zip(records, self.stepped)):
+            raw = record.get("grad_norm")
+            if raw is None:
+                raise RuntimeError(f"stage {self.stage!r}, step {step}: no gradient reached the model's parameters, "
+                                   "so its norm before clipping is unknown; pass rec.batch(..., grad_norm=…)")
+            expected = raw * min(1.0, self.max_norm / (raw + 1e-6))
+            if stepped is not None and abs(stepped - expected) > 1e-3 * max(expected, 1e-12):
+                warnings.warn(
+                    f"stage {self.stage!r}, step {step}: the gradient stepped has norm {stepped:.6g}, but clipping "
+                    f"a gradient of norm {raw:.6g} to max_grad_norm={self.max_norm} gives {expected:.6g}. The loop "
+                    "does not clip as declared, or scales gradients after backward (a GradScaler: then pass the "
+                    "norm clip_grad_norm_ returns as rec.batch(..., grad_norm=norm)); aa-curvature's model of the "
+                    "clipping will be off", stacklevel=3)
+                return
+
+
 class StageScope:
     """A recorder stage opened by one trainer callback and closed by another (HF, Lightning)."""
 
@@ -208,9 +289,11 @@ class StageScope:
         self.recorder, self.name, self.seed = recorder, name, seed
         self._stack: Optional[contextlib.ExitStack] = None
 
-    def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None) -> None:
+    def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None,
+             max_grad_norm: Optional[float] = None) -> None:
         self._stack = contextlib.ExitStack()
-        self._stack.enter_context(self.recorder.stage(self.name, optimizer, scheduler=scheduler, seed=self.seed))
+        self._stack.enter_context(self.recorder.stage(self.name, optimizer, scheduler=scheduler, seed=self.seed,
+                                                      max_grad_norm=max_grad_norm))
 
     def close(self) -> None:
         if self._stack is not None:

@@ -34,6 +34,13 @@ class Stage:
     per-parameter state (momentum buffers, Adam moments) of the optimizer that
     ran just before it, instead of a fresh one. Hyper-parameters still come
     from this stage's ``optimizer`` factory.
+
+    ``max_grad_norm``: before every step, clip the gradient's total L2 norm
+    over the model's parameters to this (``torch.nn.utils.clip_grad_norm_``,
+    as Hugging Face's ``Trainer`` does with its default ``max_grad_norm=1.0``).
+    Each step's unclipped norm is recorded. ``aa`` is unaffected by clipping
+    (it holds the later gradients fixed); ``aa-curvature`` clips the
+    counterfactual gradient the same way (docs/concepts.md).
     """
 
     name: str
@@ -46,6 +53,7 @@ class Stage:
     scheduler: Optional[SchedulerFactory] = None
     carry_optimizer_state: bool = False
     source_weights: Optional[dict[str, float]] = None
+    max_grad_norm: Optional[float] = None
     sources: Optional[DataSources] = dataclasses.field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -60,6 +68,12 @@ class Stage:
             raise ValueError(f"stage {self.name!r}: steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ValueError(f"stage {self.name!r}: batch_size must be >= 1, got {self.batch_size}")
+        check_max_grad_norm(self.name, self.max_grad_norm)
+
+
+def check_max_grad_norm(name: str, max_grad_norm: Optional[float]) -> None:
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and max_grad_norm > 0):
+        raise ValueError(f"stage {name!r}: max_grad_norm must be a positive number or None, got {max_grad_norm!r}")
 
 
 @dataclasses.dataclass
@@ -79,6 +93,7 @@ class PretrainedStage:
     batch_size: None = dataclasses.field(default=None, init=False)
     seed: None = dataclasses.field(default=None, init=False)
     carry_optimizer_state: bool = dataclasses.field(default=False, init=False)
+    max_grad_norm: None = dataclasses.field(default=None, init=False)
     external: bool = dataclasses.field(default=True, init=False)
 
     def __post_init__(self) -> None:

@@ -101,6 +101,9 @@ def train_stage(
             loss, source_grads = sourced_backward(model, stage, batch, sources.source_ids[batches[step]], weights,
                                                   keep=source_hook is not None)
             _check_finite(stage, step, loss)
+        grad_norm = None
+        if stage.max_grad_norm is not None:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
         params_before = (
             {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
         )
@@ -110,6 +113,8 @@ def train_stage(
         if after_step is not None:
             after_step(step, batch, params_before, optimizer)
         record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
+        if grad_norm is not None:
+            record["grad_norm"] = grad_norm
         if sources is not None:
             record["source_examples"] = torch.bincount(sources.source_ids[batches[step]],
                                                        minlength=len(sources.names)).tolist()
@@ -219,7 +224,7 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
             if getattr(stage, "sources", None) is not None:
                 from stagecredit.estimators.source_tangents import SourceTangents
 
-                tracker = SourceTangents(model, stage.sources.names, carried)
+                tracker = SourceTangents(model, stage.sources.names, carried, max_grad_norm=stage.max_grad_norm)
             result = train_stage(model, stage, batches, carried, carried_from=state_class, advance=advance,
                                  before_step=save_inner, source_hook=tracker.step if tracker else None)
             stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner, tracker))

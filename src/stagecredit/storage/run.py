@@ -86,6 +86,7 @@ class RunWriter:
             "batch_size": stage.batch_size,
             "seed": stage.seed,
             "carry_optimizer_state": stage.carry_optimizer_state,
+            "max_grad_norm": getattr(stage, "max_grad_norm", None),
             "optimizer_class": result.optimizer_class,
             "scheduler_class": result.scheduler_class,
             "param_groups": result.param_groups,
@@ -142,6 +143,7 @@ class StageRecord:
     scheduler_class: Optional[str]
     param_groups: list[list[str]]
     external: bool = False
+    max_grad_norm: Optional[float] = None  # gradients clipped to this total norm before every step
 
     @property
     def optimizer_name(self) -> str:
@@ -184,6 +186,13 @@ class Run:
                 f"the pipeline does not match the run at {self.path}: recorded stages (name, steps, batch, seed) "
                 f"{recorded}, pipeline has {given}"
             )
+        for rec, stage in zip(self.stage_records, pipeline.stages):
+            given_norm = getattr(stage, "max_grad_norm", None)
+            if rec.max_grad_norm != given_norm:
+                raise ValueError(
+                    f"the pipeline does not match the run at {self.path}: stage {rec.name!r} was recorded with "
+                    f"max_grad_norm={rec.max_grad_norm} and the pipeline's stage has max_grad_norm={given_norm}"
+                )
 
     # --- what was recorded -------------------------------------------------
     @cached_property
@@ -200,6 +209,7 @@ class Run:
                 scheduler_class=s["scheduler_class"],
                 param_groups=s["param_groups"],
                 external=s.get("external", False),
+                max_grad_norm=s.get("max_grad_norm"),
             )
             for k, s in enumerate(self.manifest["stages"], start=1)
         ]
@@ -324,7 +334,8 @@ class Run:
         return self._cache[key]
 
     def steps(self, k: int) -> list[dict[str, Any]]:
-        """Per step of stage k: ``groups`` (hyper-parameters per param group), ``loss``, ``adam_step``."""
+        """Per step of stage k: ``groups`` (hyper-parameters per param group), ``loss``, ``adam_step``, and
+        ``grad_norm`` (the gradient's total norm before clipping) in a stage that clipped it."""
         return self.step_log(k)["steps"]
 
     def batch_indices(self, k: int) -> torch.Tensor:

@@ -1,0 +1,159 @@
+"""Gradient clipping: recorded per step, and kept by aa-curvature's replay and segments."""
+
+import dataclasses
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import stagecredit as sc
+import stagecredit.estimators.curvature_propagation as curvature_propagation
+from conftest import three_stage_pipeline
+from stagecredit.estimators.curvature_propagation import CurvatureOptions as C
+from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
+
+LATER = {
+    "sgd": lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.8, nesterov=True, weight_decay=0.01),
+    "adamw": lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+}
+
+
+def _clipped_quadratic_run(tmp_path, later, max_grad_norm=1.0, batch_size=16):
+    """Linear regression with squared error (an exactly quadratic loss); the later stages clip their gradients."""
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    stages = [
+        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
+                 batch_size=batch_size, seed=1),
+        sc.Stage("b", (X, Y), mse, later, steps=16, batch_size=batch_size, seed=2, max_grad_norm=max_grad_norm,
+                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
+        sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
+                 batch_size=batch_size, seed=3, max_grad_norm=max_grad_norm),
+    ]
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=1).run(tmp_path / "q", progress=False)
+    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
+
+
+def _ignoring_clipping(run, monkeypatch):
+    """The same run, reloaded, with aa-curvature told that no stage clipped (what it did before clipping was kept)."""
+    monkeypatch.setattr(curvature_propagation, "clip_coefficients", lambda run, k: None)
+    return sc.Run.load(run.path, pipeline=run.pipeline)
+
+
+def test_clipping_is_recorded_per_step(tmp_path):
+    run, _ = _clipped_quadratic_run(tmp_path, LATER["sgd"])
+    assert run.stage_records[0].max_grad_norm is None and "grad_norm" not in run.steps(1)[0]
+    assert run.stage_records[1].max_grad_norm == 1.0
+    norms = [s["grad_norm"] for k in (2, 3) for s in run.steps(k)]
+    assert len(norms) == 28 and min(norms) > 1.0  # every step was clipped, so the tests below depend on it
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        sc.Stage("x", run.pipeline.stages[0].data, run.pipeline.stages[0].loss_fn, LATER["sgd"], steps=1,
+                 batch_size=4, max_grad_norm=0)
+
+
+def test_a_pipeline_that_clips_differently_does_not_match_the_run(tmp_path):
+    run, _ = _clipped_quadratic_run(tmp_path, LATER["sgd"])
+    unclipped = dataclasses.replace(run.pipeline, stages=[dataclasses.replace(s, max_grad_norm=None)
+                                                         for s in run.pipeline.stages])
+    with pytest.raises(ValueError, match="max_grad_norm=1.0 and the pipeline's stage has max_grad_norm=None"):
+        sc.Run.load(run.path, pipeline=unclipped)
+
+
+@pytest.mark.parametrize("later", sorted(LATER))
+@pytest.mark.parametrize("batch_size", [16, 64])
+def test_the_replay_of_clipped_stages_equals_retraining_on_a_quadratic_model(tmp_path, monkeypatch, later,
+                                                                            batch_size):
+    """Clipping is applied exactly to each tangent's counterfactual gradient, so a quadratic loss is replayed exactly.
+
+    With batches of 16 the recorded run clips every step; with the full batch it clips none, but the run without
+    stage a has larger gradients, which are clipped.
+    """
+    run, behaviour = _clipped_quadratic_run(tmp_path, LATER[later], batch_size=batch_size)
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
+    assert np.abs(truth.effects).max() > 0.5
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+    # the same replay without clipping is far off, so the equality above is informative
+    ignored = sc.attribute(_ignoring_clipping(run, monkeypatch), behaviour, "aa-curvature", "model",
+                           curvature=C.exact("hessian"), progress=False)
+    assert np.abs(ignored.effects - truth.effects).max() > 0.04
+
+
+@pytest.mark.parametrize("later", sorted(LATER))
+def test_segments_scale_the_curvature_by_the_clip_factor(tmp_path, monkeypatch, later):
+    """Segments linearise the clip around the recorded run (c·C): closer to retraining than without it."""
+    run, behaviour = _clipped_quadratic_run(tmp_path, LATER[later])
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    options = C.segments(curvature="hessian", segment_steps=4, curvature_examples=1, krylov_dim=14)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+    ignored = sc.attribute(_ignoring_clipping(run, monkeypatch), behaviour, "aa-curvature", "model",
+                           curvature=options, progress=False)
+    error, ignored_error = (np.abs(e.effects - truth.effects).max() for e in (est, ignored))
+    assert error < 0.8 * ignored_error
+
+
+def test_segments_with_a_clip_that_never_binds_are_the_unclipped_segments(tmp_path):
+    loose, behaviour = _clipped_quadratic_run(tmp_path / "loose", LATER["sgd"], max_grad_norm=1e6)
+    plain, _ = _clipped_quadratic_run(tmp_path / "plain", LATER["sgd"], max_grad_norm=None)
+    for options in (C(), C.exact()):
+        a, b = (sc.attribute(r, behaviour, "aa-curvature", "model", curvature=options, progress=False).effects
+                for r in (loose, plain))
+        np.testing.assert_array_equal(a, b)
+
+
+def _clipping_loop(pipe, path, max_grad_norm, *, pass_norm: bool, clip: bool = True):
+    """The pipeline's training as a hand-written loop that clips with clip_grad_norm_, recorded by sc.Recorder."""
+    torch.manual_seed(pipe.seed)
+    model = pipe.model_fn()
+    rec = sc.Recorder(path, model, checkpoint_every=pipe.checkpoint_every)
+    for stage in pipe.stages:
+        batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
+        torch.manual_seed(stage.seed)
+        optimizer = stage.optimizer(model.parameters())
+        scheduler = stage.scheduler(optimizer) if stage.scheduler else None
+        with rec.stage(stage.name, optimizer, scheduler=scheduler, max_grad_norm=max_grad_norm):
+            model.train()
+            for step in range(stage.steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = stage.loss_fn(model, collate(stage.data, batches[step]))
+                loss.backward()
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm) if clip else None
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                rec.batch(batches[step], loss=loss, grad_norm=norm if pass_norm else None)
+    return rec.finish(pipeline=pipe)
+
+
+@pytest.mark.parametrize("pass_norm", [True, False], ids=["norm passed", "norm measured"])
+def test_recorder_records_the_same_clipping_as_the_pipeline(tmp_path, pass_norm):
+    pipe = three_stage_pipeline()
+    pipe.stages = [dataclasses.replace(s, max_grad_norm=0.5) for s in pipe.stages]
+    piped = pipe.run(tmp_path / "pipeline", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the loop clips as declared: no warning
+        looped = _clipping_loop(pipe, tmp_path / "loop", 0.5, pass_norm=pass_norm)
+    clipped = 0
+    for k in range(1, piped.num_stages + 1):
+        assert looped.stage_records[k - 1].max_grad_norm == 0.5
+        for a, b in zip(piped.steps(k), looped.steps(k)):
+            assert a["groups"] == b["groups"]
+            assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
+            clipped += a["grad_norm"] > 0.5
+        assert all(torch.equal(t, looped.checkpoint(k)[n]) for n, t in piped.checkpoint(k).items())
+    assert 0 < clipped < sum(piped.stage_records[k].steps for k in range(piped.num_stages))
+
+
+def test_recorder_warns_when_the_loop_does_not_clip_as_declared(tmp_path):
+    pipe = three_stage_pipeline()
+    pipe.stages = [dataclasses.replace(s, max_grad_norm=0.5) for s in pipe.stages]
+    with pytest.warns(UserWarning, match="does not clip as declared"):
+        _clipping_loop(pipe, tmp_path / "loop", 0.5, pass_norm=False, clip=False)
+    model = pipe.model_fn()
+    rec = sc.Recorder(tmp_path / "r", model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="open the stage with"):
+        with rec.stage("s", optimizer):
+            rec.batch([0, 1], grad_norm=1.0)
