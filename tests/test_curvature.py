@@ -559,3 +559,21 @@ def test_validate_reports_aa_curvature_rows(toy_run, toy_behaviour):
     rows = {(r["stage"], r["method"]): r for r in report.rows}
     assert rows[("adapt", "aa-curvature")]["pearson"] == pytest.approx(1.0)
     assert np.isfinite(rows[("pretrain", "aa-curvature")]["pearson"])
+
+
+def test_every_example_of_a_segment_is_taken_in_chunks_of_bounded_size(tmp_path, monkeypatch):
+    """curvature_examples=None: memory holds one chunk's graph, and the chunks average to the whole sample."""
+    import stagecredit.estimators.curvature_propagation as cp
+
+    run, behaviour = _quadratic_run(tmp_path)  # batches of 16
+    options = C.segments(curvature="hessian", segment_steps=16, curvature_examples=None, krylov_dim=14)
+    monkeypatch.setattr(cp, "CHUNK_EXAMPLES", 10**6)
+    whole = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
+    sizes = []
+    collate = cp.collate
+    monkeypatch.setattr(cp, "collate", lambda data, indices: sizes.append(len(indices)) or collate(data, indices))
+    monkeypatch.setattr(cp, "CHUNK_EXAMPLES", 48)
+    chunked = sc.attribute(sc.Run.load(run.path, pipeline=run.pipeline), behaviour, "aa-curvature", "model",
+                           curvature=options, progress=False)
+    assert max(sizes) == 48 and len(sizes) > 20  # three minibatches per chunk, rebuilt at every product call
+    np.testing.assert_allclose(chunked.effects, whole.effects, atol=1e-5, rtol=1e-4)

@@ -125,7 +125,15 @@ class CurvatureOptions:
     * ``curvature_examples``: about how many training examples a segment's
       curvature is averaged over: the fewest evenly spaced recorded minibatches
       of the segment that hold at least that many (at least one); ``None``: all
-      of them. Fidelity grows with it and so does the cost of every product.
+      of them, evaluated 512 examples at a time (their graphs rebuilt at every
+      product, so memory does not grow with the segment). Fidelity grows with
+      it and so does the cost of every product.
+
+    Stages that clip their gradient's norm (``Stage(max_grad_norm=…)``,
+    ``rec.stage(..., max_grad_norm=…)``, the Hugging Face Trainer's default)
+    are modelled from the recorded norms: the replay clips each tangent's
+    counterfactual gradient exactly, the segments scale the curvature by the
+    steps' clip factors ``max_grad_norm / ‖g‖`` (``benchmarks/clipping.py``).
 
     ``secant`` (both schemes, through the stages after a perturbation; the
     replay of a stage without one of its sources keeps ``0``): where along each
@@ -234,6 +242,34 @@ def _tangent_products(probe, loss_fn, batch, params: dict[str, torch.Tensor], fl
         out = torch.empty_like(vectors)
         for b, one in enumerate(products):
             out[b::B] = one(vectors[b::B])
+        return out
+
+    return product
+
+
+CHUNK_EXAMPLES = 512  # with curvature_examples=None, a segment's curvature is evaluated this many examples at a time
+
+
+def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str, torch.Tensor], flat: FlatParams,
+                     curvature: str, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor):
+    """``V ↦ C V`` for the mean loss over the examples ``chunks`` index (a list of index tensors into the stage's data).
+
+    One chunk keeps its forward graph across calls. Several are evaluated one
+    at a time on every call, their graphs rebuilt and freed, and averaged by
+    size: a forward pass more per chunk and call, for memory that does not
+    grow with the sample.
+    """
+    if len(chunks) == 1:
+        return _tangent_products(probe, stage.loss_fn, collate(stage.data, chunks[0]), params, flat, curvature,
+                                 buffers, secant, tangents)
+    total = sum(len(c) for c in chunks)
+
+    def product(vectors: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(vectors)
+        for indices in chunks:
+            part = _tangent_products(probe, stage.loss_fn, collate(stage.data, indices), params, flat, curvature,
+                                     buffers, secant, tangents)(vectors)
+            out += part * (len(indices) / total)
         return out
 
     return product
@@ -686,10 +722,13 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         state_dict = loaded[1]
         count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch), b - a)
         picks = torch.linspace(a, b - 1, count).round().long().unique()
-        batch = collate(stage.data, batches[picks].reshape(-1))
-        product = _tangent_products(probe, stage.loss_fn, batch, {n: state_dict[n] for n in names}, flat,
-                                    options.curvature_for("segments"), _buffers(probe, state_dict), options.secant,
-                                    theta)
+        # every recorded minibatch of a segment (curvature_examples=None) is taken in chunks: memory stays one
+        # chunk's forward graph however long the segment
+        chunk = len(picks) if options.curvature_examples is not None else -(-CHUNK_EXAMPLES // per_batch)
+        product = _sample_products(probe, stage, [batches[picks[i:i + chunk]].reshape(-1)
+                                                  for i in range(0, len(picks), chunk)],
+                                   {n: state_dict[n] for n in names}, flat, options.curvature_for("segments"),
+                                   _buffers(probe, state_dict), options.secant, theta)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.
