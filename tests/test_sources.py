@@ -189,3 +189,30 @@ def test_a_clip_that_never_binds_leaves_curvature_source_effects_unchanged(tmp_p
                                             curvature=sc.CurvatureOptions.exact()).effects)
     assert np.abs(effects[0]).max() > 1e-2
     np.testing.assert_allclose(effects[1], effects[0], atol=1e-6, rtol=1e-5)
+
+
+def _freezing_bias(frozen, make):
+    def factory(params):
+        params = list(params)
+        params[1].requires_grad_(not frozen)  # the bias
+        return make(params)
+
+    return factory
+
+
+@pytest.mark.parametrize("second", [lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.03),
+                                    lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1)], ids=["sgd", "adamw"])
+def test_a_sourced_stage_that_freezes_a_parameter_leaves_its_tangent_alone(tmp_path, second):
+    """torch skips a parameter without a gradient; its source tangents stay zero, with or without the curvature."""
+    from stagecredit.estimators.curvature_propagation import curvature_source_tangents
+
+    pipe = sourced_pipeline(per_example_ce, carry=False)
+    pipe.stages[0].optimizer = _freezing_bias(False, pipe.stages[0].optimizer)
+    pipe.stages[1].optimizer = _freezing_bias(True, second)
+    run = pipe.run(tmp_path / "run", progress=False)  # AdamW used to fail here: no Adam step count for the bias
+    assert torch.equal(run.parameters(1)["bias"], run.parameters(2)["bias"])
+    with_curvature = curvature_source_tangents(run, 2, sc.CurvatureOptions.exact())
+    for source, (theta, _) in zip(run.sources(2), with_curvature):
+        assert float(theta["weight"].abs().max()) > 1e-2
+        assert float(theta["bias"].abs().max()) == 0.0  # it moved by the curvature's weight–bias block before
+        assert float(run.source_tangent(2, source)[0]["bias"].abs().max()) == 0.0

@@ -130,6 +130,8 @@ class SourceTangents:
         for g, names in enumerate(self.groups):
             hp = {**hyper[g], "decoupled_weight_decay": True} if self.decoupled else hyper[g]
             for n in names:
+                if self.params[n].grad is None:  # torch's optimizer skipped it (frozen, unused): no step, no state
+                    continue
                 hvp = None if hv is None else (lambda _x, n=n: hv[n].to(torch.float64))
                 t = None if self.kind == SGD else int(optimizer.state[self.params[n]]["step"])
                 if clipped is not None:  # the curvature term is inside the clipped counterfactual gradients
