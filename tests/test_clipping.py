@@ -157,3 +157,67 @@ def test_recorder_warns_when_the_loop_does_not_clip_as_declared(tmp_path):
     with pytest.raises(ValueError, match="open the stage with"):
         with rec.stage("s", optimizer):
             rec.batch([0, 1], grad_norm=1.0)
+
+
+def test_a_clipped_stage_that_trains_some_parameters_replays_exactly(tmp_path):
+    """Stage b steps the weight alone; the bias still has a gradient, which the clip counts, as torch does."""
+    run, behaviour = _clipped_quadratic_run(tmp_path, lambda p: torch.optim.SGD(list(p)[:1], lr=0.03, momentum=0.8))
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
+    assert np.abs(truth.effects).max() > 0.5
+    np.testing.assert_allclose(est.effects, truth.effects, atol=5e-5, rtol=1e-4)
+
+
+def test_a_trainable_parameter_no_optimizer_holds_counts_in_the_clip(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    weight_only = lambda p: torch.optim.SGD(list(p)[:1], lr=0.03, momentum=0.8)  # noqa: E731
+    stages = [sc.Stage(name, (X, Y), mse, weight_only, steps=10, batch_size=16, seed=seed, max_grad_norm=1.0)
+              for name, seed in (("a", 1), ("b", 2))]
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages).run(tmp_path / "r", progress=False)
+    assert run.parameter_names == ["weight"]
+    behaviour = sc.PerExampleLoss((X[:20], Y[:20]), mse)
+    truth = sc.retrain_effects(run, behaviour, progress=False)
+    est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
+    # the bias never moves, so its gradient enters the clip unchanged only to first order: close, not exact
+    np.testing.assert_allclose(est.effects, truth.effects, atol=0.05 * np.abs(truth.effects).max())
+
+
+def test_recorder_divides_the_measured_norm_by_the_loss_scale(tmp_path):
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 6), 5 * torch.randn(64, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    rec = sc.Recorder(tmp_path / "r", model, checkpoint_every=0)
+    true = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec.stage("s", optimizer, max_grad_norm=0.5, grad_scaler=scaler):
+            for step in range(5):
+                optimizer.zero_grad()
+                loss = ((model(X[:16]) - Y[:16]) ** 2).sum(1).mean()
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+                true.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)))
+                scaler.step(optimizer)
+                scaler.update()
+    run = rec.finish()
+    assert min(true) > 0.5  # every step clipped
+    assert [s["grad_norm"] for s in run.steps(1)] == pytest.approx(true, rel=1e-5)
+
+
+def test_recorder_warns_and_records_no_norm_when_it_sees_none(tmp_path):
+    """Gradients that never reach .grad through backward (e.g. sharded) leave no norm: a warning, not a lost stage."""
+    model = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    rec = sc.Recorder(tmp_path / "r", model, checkpoint_every=0)
+    with pytest.warns(UserWarning, match="no gradient norm before clipping was seen at 2 of its 2 steps"):
+        with rec.stage("s", optimizer, max_grad_norm=1.0):
+            for _ in range(2):
+                for p in model.parameters():
+                    p.grad = torch.ones_like(p)  # set, not accumulated by backward
+                optimizer.step()
+    run = rec.finish()
+    assert run.stage_records[0].max_grad_norm == 1.0 and "grad_norm" not in run.steps(1)[0]

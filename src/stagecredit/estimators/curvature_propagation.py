@@ -125,8 +125,9 @@ class CurvatureOptions:
     * ``curvature_examples``: about how many training examples a segment's
       curvature is averaged over: the fewest evenly spaced recorded minibatches
       of the segment that hold at least that many (at least one); ``None``: all
-      of them, evaluated 512 examples at a time (their graphs rebuilt at every
-      product, so memory does not grow with the segment). Fidelity grows with
+      of them, evaluated in chunks of at most 512 examples (one minibatch if
+      it is larger), their graphs rebuilt at every product, so memory does not
+      grow with the segment. Fidelity grows with
       it and so does the cost of every product.
 
     Stages that clip their gradient's norm (``Stage(max_grad_norm=…)``,
@@ -256,8 +257,8 @@ def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str,
 
     One chunk keeps its forward graph across calls. Several are evaluated one
     at a time on every call, their graphs rebuilt and freed, and averaged by
-    size: a forward pass more per chunk and call, for memory that does not
-    grow with the sample.
+    size (the loss is a mean over examples): a forward pass more per chunk and
+    call, for memory that does not grow with the sample.
     """
     if len(chunks) == 1:
         return _tangent_products(probe, stage.loss_fn, collate(stage.data, chunks[0]), params, flat, curvature,
@@ -265,12 +266,12 @@ def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str,
     total = sum(len(c) for c in chunks)
 
     def product(vectors: torch.Tensor) -> torch.Tensor:
-        out = torch.zeros_like(vectors)
+        out = torch.zeros(vectors.shape, dtype=torch.promote_types(vectors.dtype, torch.float32))
         for indices in chunks:
             part = _tangent_products(probe, stage.loss_fn, collate(stage.data, indices), params, flat, curvature,
                                      buffers, secant, tangents)(vectors)
-            out += part * (len(indices) / total)
-        return out
+            out += part.to(out.dtype) * (len(indices) / total)
+        return out.to(vectors.dtype)
 
     return product
 
@@ -484,11 +485,14 @@ def _clipped_change(params: dict[str, torch.nn.Parameter], hv: dict[str, torch.T
     gradient (its norm over all parameters with a gradient), as Adam's map is:
     a removed stage changes the gradient far, and whether clipping binds with
     it is not a first-order question. Parameters without a gradient keep ``hv``
-    (the replay skips them).
+    (the replay skips them); a trainable parameter no optimizer holds counts
+    in the norm with its gradient unchanged. The recorded gradient is clipped
+    the same way before it is subtracted, so a zero tangent changes nothing.
     """
-    live = {n: p.grad.to(torch.float64) for n, p in params.items() if p.grad is not None}
-    counterfactual = clip_rows({n: g / coefficient + hv[n].to(torch.float64) for n, g in live.items()}, max_norm)
-    return {n: (counterfactual[n] - live[n]).to(v.dtype) if n in live else v for n, v in hv.items()}
+    raw = {n: (p.grad.to(torch.float64) / coefficient).unsqueeze(0) for n, p in params.items() if p.grad is not None}
+    factual = clip_rows(raw, max_norm)
+    counterfactual = clip_rows({n: g + hv[n].to(torch.float64) if n in hv else g for n, g in raw.items()}, max_norm)
+    return {n: (counterfactual[n] - factual[n]).to(v.dtype) if n in raw else v for n, v in hv.items()}
 
 
 # --- segments: frozen curvature, Lanczos over each segment ---------------------------------------
@@ -724,7 +728,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         picks = torch.linspace(a, b - 1, count).round().long().unique()
         # every recorded minibatch of a segment (curvature_examples=None) is taken in chunks: memory stays one
         # chunk's forward graph however long the segment
-        chunk = len(picks) if options.curvature_examples is not None else -(-CHUNK_EXAMPLES // per_batch)
+        chunk = len(picks) if options.curvature_examples is not None else max(1, CHUNK_EXAMPLES // per_batch)
         product = _sample_products(probe, stage, [batches[picks[i:i + chunk]].reshape(-1)
                                                   for i in range(0, len(picks), chunk)],
                                    {n: state_dict[n] for n in names}, flat, options.curvature_for("segments"),

@@ -49,7 +49,9 @@ class StageCreditCallback(TrainerCallback):
             raise RuntimeError("the Trainer created no optimizer before training began; stagecredit cannot record it")
         # the Trainer clips the gradient's norm to args.max_grad_norm (1.0 by default; 0 or None: no clipping)
         clip = args.max_grad_norm if args.max_grad_norm and args.max_grad_norm > 0 else None
-        self.scope.open(unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler), max_grad_norm=clip)
+        # with fp16 the gradients backward accumulates are scaled: accelerate's optimizer wrapper holds the scaler
+        self.scope.open(unwrap_optimizer(optimizer), unwrap_scheduler(lr_scheduler), max_grad_norm=clip,
+                        grad_scaler=getattr(optimizer, "scaler", None))
 
     def on_train_end(self, args, state, control, **kwargs):
         self.scope.close()

@@ -44,7 +44,8 @@ class StageCreditCallback(Callback):
             warnings.warn(f"stage {self.scope.name!r}: the Trainer clips gradients by value, which aa-curvature does "
                           "not model; delta and aa are unaffected", stacklevel=2)
             clip = None
-        self.scope.open(trainer.optimizers[0], scheduler, max_grad_norm=None if clip is None else float(clip))
+        self.scope.open(trainer.optimizers[0], scheduler, max_grad_norm=None if clip is None else float(clip),
+                        grad_scaler=getattr(getattr(trainer, "precision_plugin", None), "scaler", None))
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.scope.close()

@@ -103,7 +103,8 @@ class Recorder:
 
     @contextlib.contextmanager
     def stage(self, name: str, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
-              seed: Optional[int] = None, max_grad_norm: Optional[float] = None) -> Iterator["Recorder"]:
+              seed: Optional[int] = None, max_grad_norm: Optional[float] = None,
+              grad_scaler: Any = None) -> Iterator["Recorder"]:
         """Record one stage: every ``optimizer.step()`` inside the block is one recorded step.
 
         An optimizer that already holds state (e.g. the previous stage's) is
@@ -115,8 +116,11 @@ class Recorder:
         max_grad_norm)``). The norm before clipping is then recorded per step:
         the value ``clip_grad_norm_`` returned if it is passed as
         ``rec.batch(..., grad_norm=…)``, else measured as the gradients are
-        accumulated. A step whose gradient does not look clipped that way
-        (e.g. scaled by a ``GradScaler`` after backward) is warned about.
+        accumulated (``grad_scaler``: the ``torch.amp.GradScaler`` whose scaled
+        loss backward runs on; the measured norm is divided by its scale). A
+        step whose gradient does not look clipped that way is warned about at
+        the end of the stage, and so is a stage in which no norm was seen (the
+        norms are then left out of the record, e.g. with sharded gradients).
         """
         if self._finished:
             raise RuntimeError("this Recorder has finished; start a new one for another run")
@@ -139,7 +143,8 @@ class Recorder:
         k = len(self._entries) + 1
         pending = self._pending = {}
         start = time.perf_counter()
-        clipping = self._clipping = _ClipMeter(self.model, name, max_grad_norm) if max_grad_norm is not None else None
+        clipping = self._clipping = (_ClipMeter(self.model, name, max_grad_norm, grad_scaler)
+                                     if max_grad_norm is not None else None)
 
         def before(opt, args, kwargs):
             step = len(self._records)
@@ -147,6 +152,8 @@ class Recorder:
                 inner.append(self._writer.write_step_checkpoint(k, name, step, self.model.state_dict(),
                                                                 state_tensors(opt, self.model)))
             pending["groups"] = group_hyperparameters(opt)
+            if clipping is not None:
+                clipping.sync()  # a parameter made trainable since the last step gets its hook from now on
 
         def after(opt, args, kwargs):
             record: dict[str, Any] = {"groups": pending.pop("groups")}
@@ -165,12 +172,14 @@ class Recorder:
 
         handles = [optimizer.register_step_pre_hook(before), optimizer.register_step_post_hook(after)]
         if clipping is not None:
-            handles += clipping.hooks()
+            clipping.sync()
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            if clipping is not None:
+                clipping.remove()
             self._open = False
             self._clipping = None
         steps = len(self._records)
@@ -236,49 +245,69 @@ class Recorder:
 class _ClipMeter:
     """The gradient's total norm before clipping, measured as backward accumulates each parameter's gradient.
 
-    ``measure()`` runs after each step (the step leaves ``.grad`` as it was): it returns that
-    norm, computed as ``clip_grad_norm_`` computes it, and keeps the norm of
-    the gradient about to be stepped. ``check`` warns once, at the end of the
-    stage, if a stepped gradient is not the recorded norm clipped to ``max_norm``.
+    ``measure()`` runs after each step (the step leaves ``.grad`` as it was):
+    it returns that norm, computed as ``clip_grad_norm_`` computes it (divided
+    by the loss scale of ``grad_scaler``, whose scaled gradients backward
+    produces), and keeps the norm of the gradient that was stepped. Parameters
+    made trainable during the stage are hooked at the next step (``sync``).
+    ``check`` warns, at the end of the stage, if a stepped gradient is not the
+    recorded norm clipped to ``max_norm``.
     """
 
-    def __init__(self, model: torch.nn.Module, stage: str, max_norm: float) -> None:
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.stage, self.max_norm = stage, max_norm
+    def __init__(self, model: torch.nn.Module, stage: str, max_norm: float, grad_scaler: Any = None) -> None:
+        self.model, self.stage, self.max_norm, self.grad_scaler = model, stage, max_norm, grad_scaler
         self.norms: dict[int, torch.Tensor] = {}
+        self.handles: dict[int, Any] = {}
         self.stepped: list[Optional[float]] = []
 
-    def hooks(self) -> list:
+    def sync(self) -> None:
         def keep(p: torch.Tensor) -> None:
             self.norms[id(p)] = torch.linalg.vector_norm(p.grad.detach())
 
-        return [p.register_post_accumulate_grad_hook(keep) for p in self.params]
+        for p in self.model.parameters():
+            if p.requires_grad and id(p) not in self.handles:
+                self.handles[id(p)] = p.register_post_accumulate_grad_hook(keep)
+
+    def remove(self) -> None:
+        for handle in self.handles.values():
+            handle.remove()
+        self.handles = {}
 
     @staticmethod
     def _total(norms: list[torch.Tensor]) -> Optional[float]:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
     def measure(self) -> Optional[float]:
-        raw = self._total([self.norms[id(p)] for p in self.params if id(p) in self.norms and p.grad is not None])
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        raw = self._total([self.norms[id(p)] for p in params if id(p) in self.norms])
         self.norms = {}
-        self.stepped.append(self._total([torch.linalg.vector_norm(p.grad.detach())
-                                         for p in self.params if p.grad is not None]))
+        if raw is not None and self.grad_scaler is not None:
+            raw /= float(self.grad_scaler.get_scale())  # still this step's scale: scaler.update() comes after
+        self.stepped.append(self._total([torch.linalg.vector_norm(p.grad.detach()) for p in params]))
         return raw
 
     def check(self, records: list[dict[str, Any]]) -> None:
+        """Warn about steps recorded without a norm (dropping every norm of the stage) or not clipped as declared."""
+        missing = [step for step, record in enumerate(records) if record.get("grad_norm") is None]
+        if missing:
+            for record in records:
+                record.pop("grad_norm", None)
+            warnings.warn(
+                f"stage {self.stage!r}: no gradient norm before clipping was seen at {len(missing)} of its "
+                f"{len(records)} steps (first: step {missing[0]}; gradients sharded or never accumulated into "
+                "the parameters' .grad?), so none is recorded: aa-curvature cannot model this stage's clipping. "
+                "Pass rec.batch(..., grad_norm=…) at every step", stacklevel=3)
+            return
         for step, (record, stepped) in enumerate(zip(records, self.stepped)):
-            raw = record.get("grad_norm")
-            if raw is None:
-                raise RuntimeError(f"stage {self.stage!r}, step {step}: no gradient reached the model's parameters, "
-                                   "so its norm before clipping is unknown; pass rec.batch(..., grad_norm=…)")
+            raw = record["grad_norm"]
             expected = raw * min(1.0, self.max_norm / (raw + 1e-6))
             if stepped is not None and abs(stepped - expected) > 1e-3 * max(expected, 1e-12):
                 warnings.warn(
                     f"stage {self.stage!r}, step {step}: the gradient stepped has norm {stepped:.6g}, but clipping "
                     f"a gradient of norm {raw:.6g} to max_grad_norm={self.max_norm} gives {expected:.6g}. The loop "
-                    "does not clip as declared, or scales gradients after backward (a GradScaler: then pass the "
-                    "norm clip_grad_norm_ returns as rec.batch(..., grad_norm=norm)); aa-curvature's model of the "
-                    "clipping will be off", stacklevel=3)
+                    "does not clip as declared, or scales gradients after backward (a GradScaler: pass it as "
+                    "rec.stage(..., grad_scaler=scaler), or the norm clip_grad_norm_ returns as "
+                    "rec.batch(..., grad_norm=norm)); aa-curvature's model of the clipping will be off", stacklevel=3)
                 return
 
 
@@ -290,10 +319,10 @@ class StageScope:
         self._stack: Optional[contextlib.ExitStack] = None
 
     def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-             max_grad_norm: Optional[float] = None) -> None:
+             max_grad_norm: Optional[float] = None, grad_scaler: Any = None) -> None:
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.recorder.stage(self.name, optimizer, scheduler=scheduler, seed=self.seed,
-                                                      max_grad_norm=max_grad_norm))
+                                                      max_grad_norm=max_grad_norm, grad_scaler=grad_scaler))
 
     def close(self) -> None:
         if self._stack is not None:

@@ -90,6 +90,7 @@ def train_stage(
         batch = collate(stage.data, batches[step])
         hyper = group_hyperparameters(optimizer)  # what this step really uses
         optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)  # also parameters outside the optimizer: a clip would count their gradient
         source_grads = None
         if sources is None:
             loss = stage.loss_fn(model, batch)
