@@ -118,6 +118,29 @@ SGD_ADAMW_SCHEDULES = {
 }
 
 
+def quadratic_run(tmp_path, batch_size=16, b_params=lambda params: params, b_optimizer=None, max_grad_norm=None):
+    """Linear regression with squared error: the training loss is exactly quadratic (constant Hessian per batch).
+
+    ``b_params(params)``: what stage b's default optimizer is given (default: every parameter);
+    ``b_optimizer``: another optimizer factory for stage b; ``max_grad_norm``: stages b and c clip to it.
+    """
+    g = torch.Generator().manual_seed(0)
+    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
+    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
+    b_optimizer = b_optimizer or (lambda p: torch.optim.SGD(b_params(list(p)), lr=0.03, momentum=0.8, nesterov=True,
+                                                            weight_decay=0.01))
+    stages = [
+        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
+                 batch_size=batch_size, seed=1),
+        sc.Stage("b", (X, Y), mse, b_optimizer, steps=16, batch_size=batch_size, seed=2, max_grad_norm=max_grad_norm,
+                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
+        sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
+                 batch_size=batch_size, seed=3, max_grad_norm=max_grad_norm),
+    ]
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=1).run(tmp_path / "q", progress=False)
+    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
+
+
 def toy_eval():
     """CLI entry point: per-example loss on a held-out toy set."""
     X, y = toy_data(n=64, seed=7)

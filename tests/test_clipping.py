@@ -9,7 +9,7 @@ import torch
 
 import stagecredit as sc
 import stagecredit.estimators.curvature_propagation as curvature_propagation
-from conftest import three_stage_pipeline
+from conftest import quadratic_run, three_stage_pipeline
 from stagecredit.estimators.curvature_propagation import CurvatureOptions as C
 from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
 
@@ -20,20 +20,8 @@ LATER = {
 
 
 def _clipped_quadratic_run(tmp_path, later, max_grad_norm=1.0, batch_size=16):
-    """Linear regression with squared error (an exactly quadratic loss); the later stages clip their gradients."""
-    g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
-    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
-    stages = [
-        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
-                 batch_size=batch_size, seed=1),
-        sc.Stage("b", (X, Y), mse, later, steps=16, batch_size=batch_size, seed=2, max_grad_norm=max_grad_norm,
-                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
-        sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
-                 batch_size=batch_size, seed=3, max_grad_norm=max_grad_norm),
-    ]
-    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=1).run(tmp_path / "q", progress=False)
-    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
+    """The quadratic model of the exactness tests, stage b run by ``later``; stages b and c clip their gradients."""
+    return quadratic_run(tmp_path, batch_size=batch_size, b_optimizer=later, max_grad_norm=max_grad_norm)
 
 
 def _ignoring_clipping(run, monkeypatch):

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import stagecredit as sc
 from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, toy_data, zero_loss
+from conftest import quadratic_run as _quadratic_run
 from stagecredit.estimators.curvature import FlatParams, curvature_product
 from stagecredit.estimators.krylov import krylov_function_apply, lanczos
 
@@ -246,28 +247,6 @@ def test_lanczos_in_float32_agrees_with_float64():
     assert float((narrow.double() - wide).norm() / wide.norm()) < 1e-5
 
 # --- exactness against retraining ---------------------------------------------------------------
-
-def _quadratic_run(tmp_path, batch_size=16, b_params=lambda params: params):
-    """Linear regression with squared error: the training loss is exactly quadratic (constant Hessian per batch).
-
-    ``b_params(params)``: what stage b's optimizer is given (default: every parameter).
-    """
-    g = torch.Generator().manual_seed(0)
-    X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
-    mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
-    stages = [
-        sc.Stage("a", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9), steps=20,
-                 batch_size=batch_size, seed=1),
-        sc.Stage("b", (X, Y), mse, lambda p: torch.optim.SGD(b_params(list(p)), lr=0.03, momentum=0.8, nesterov=True,
-                                                             weight_decay=0.01),
-                 steps=16, batch_size=batch_size, seed=2,
-                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
-        sc.Stage("c", (X, Y), mse, lambda p: torch.optim.SGD(p, lr=0.02, momentum=0.5, dampening=0.1), steps=12,
-                 batch_size=batch_size, seed=3),
-    ]
-    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=1).run(tmp_path / "q", progress=False)
-    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
-
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_exact_replay_equals_retraining_on_a_quadratic_model(tmp_path, curvature):
