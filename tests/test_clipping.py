@@ -209,3 +209,24 @@ def test_recorder_warns_and_records_no_norm_when_it_sees_none(tmp_path):
                 optimizer.step()
     run = rec.finish()
     assert run.stage_records[0].max_grad_norm == 1.0 and "grad_norm" not in run.steps(1)[0]
+
+
+def test_recorder_measures_the_parameters_the_loop_clips(tmp_path):
+    """A loop (or Lightning) that clips the optimizer's parameters only: clipped_parameters says so."""
+    torch.manual_seed(0)
+    X, Y = torch.randn(64, 6), 5 * torch.randn(64, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    head = list(model[2].parameters())
+    optimizer = torch.optim.SGD(head, lr=0.01)  # the body stays trainable but is not stepped
+    rec = sc.Recorder(tmp_path / "r", model, checkpoint_every=0)
+    true = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with rec.stage("s", optimizer, max_grad_norm=0.5, clipped_parameters=head):
+            for step in range(4):
+                model.zero_grad()
+                ((model(X[:16]) - Y[:16]) ** 2).sum(1).mean().backward()
+                true.append(float(torch.nn.utils.clip_grad_norm_(head, 0.5)))
+                optimizer.step()
+    assert min(true) > 0.5
+    assert [s["grad_norm"] for s in rec.finish().steps(1)] == pytest.approx(true, rel=1e-5)

@@ -44,8 +44,11 @@ class StageCreditCallback(Callback):
             warnings.warn(f"stage {self.scope.name!r}: the Trainer clips gradients by value, which aa-curvature does "
                           "not model; delta and aa are unaffected", stacklevel=2)
             clip = None
-        self.scope.open(trainer.optimizers[0], scheduler, max_grad_norm=None if clip is None else float(clip),
-                        grad_scaler=getattr(getattr(trainer, "precision_plugin", None), "scaler", None))
+        optimizer = trainer.optimizers[0]
+        # Lightning clips the norm of the optimizer's parameters, not the module's
+        self.scope.open(optimizer, scheduler, max_grad_norm=None if clip is None else float(clip),
+                        grad_scaler=getattr(getattr(trainer, "precision_plugin", None), "scaler", None),
+                        clipped_parameters=[p for group in optimizer.param_groups for p in group["params"]])
 
     def on_train_end(self, trainer, pl_module) -> None:
         self.scope.close()

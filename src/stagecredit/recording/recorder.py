@@ -27,7 +27,7 @@ import dataclasses
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
@@ -103,8 +103,8 @@ class Recorder:
 
     @contextlib.contextmanager
     def stage(self, name: str, optimizer: torch.optim.Optimizer, *, scheduler: Any = None,
-              seed: Optional[int] = None, max_grad_norm: Optional[float] = None,
-              grad_scaler: Any = None) -> Iterator["Recorder"]:
+              seed: Optional[int] = None, max_grad_norm: Optional[float] = None, grad_scaler: Any = None,
+              clipped_parameters: Optional[Iterable[torch.nn.Parameter]] = None) -> Iterator["Recorder"]:
         """Record one stage: every ``optimizer.step()`` inside the block is one recorded step.
 
         An optimizer that already holds state (e.g. the previous stage's) is
@@ -121,6 +121,8 @@ class Recorder:
         step whose gradient does not look clipped that way is warned about at
         the end of the stage, and so is a stage in which no norm was seen (the
         norms are then left out of the record, e.g. with sharded gradients).
+        ``clipped_parameters``: the parameters whose norm the loop clips
+        (default: the model's, as ``clip_grad_norm_(model.parameters(), …)``).
         """
         if self._finished:
             raise RuntimeError("this Recorder has finished; start a new one for another run")
@@ -143,8 +145,9 @@ class Recorder:
         k = len(self._entries) + 1
         pending = self._pending = {}
         start = time.perf_counter()
-        clipping = self._clipping = (_ClipMeter(self.model, name, max_grad_norm, grad_scaler)
-                                     if max_grad_norm is not None else None)
+        clipped = list(clipped_parameters) if clipped_parameters is not None else None
+        clipping = self._clipping = (_ClipMeter(lambda: clipped or list(self.model.parameters()), name, max_grad_norm,
+                                                grad_scaler) if max_grad_norm is not None else None)
 
         def before(opt, args, kwargs):
             step = len(self._records)
@@ -254,8 +257,9 @@ class _ClipMeter:
     recorded norm clipped to ``max_norm``.
     """
 
-    def __init__(self, model: torch.nn.Module, stage: str, max_norm: float, grad_scaler: Any = None) -> None:
-        self.model, self.stage, self.max_norm, self.grad_scaler = model, stage, max_norm, grad_scaler
+    def __init__(self, parameters: Callable[[], list[torch.nn.Parameter]], stage: str, max_norm: float,
+                 grad_scaler: Any = None) -> None:
+        self.parameters, self.stage, self.max_norm, self.grad_scaler = parameters, stage, max_norm, grad_scaler
         self.norms: dict[int, torch.Tensor] = {}
         self.handles: dict[int, Any] = {}
         self.stepped: list[Optional[float]] = []
@@ -264,7 +268,7 @@ class _ClipMeter:
         def keep(p: torch.Tensor) -> None:
             self.norms[id(p)] = torch.linalg.vector_norm(p.grad.detach())
 
-        for p in self.model.parameters():
+        for p in self.parameters():
             if p.requires_grad and id(p) not in self.handles:
                 self.handles[id(p)] = p.register_post_accumulate_grad_hook(keep)
 
@@ -278,7 +282,7 @@ class _ClipMeter:
         return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else None
 
     def measure(self) -> Optional[float]:
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.grad is not None]
         raw = self._total([self.norms[id(p)] for p in params if id(p) in self.norms])
         self.norms = {}
         if raw is not None and self.grad_scaler is not None:
@@ -318,11 +322,11 @@ class StageScope:
         self.recorder, self.name, self.seed = recorder, name, seed
         self._stack: Optional[contextlib.ExitStack] = None
 
-    def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None,
-             max_grad_norm: Optional[float] = None, grad_scaler: Any = None) -> None:
+    def open(self, optimizer: torch.optim.Optimizer, scheduler: Any = None, **clipping: Any) -> None:
+        """``clipping``: ``max_grad_norm``, ``grad_scaler``, ``clipped_parameters`` as in ``Recorder.stage``."""
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(self.recorder.stage(self.name, optimizer, scheduler=scheduler, seed=self.seed,
-                                                      max_grad_norm=max_grad_norm, grad_scaler=grad_scaler))
+                                                      **clipping))
 
     def close(self) -> None:
         if self._stack is not None:
