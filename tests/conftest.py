@@ -75,6 +75,13 @@ def _with_frozen_first_layer(params, frozen: bool, make):
     return make(params)
 
 
+def _decay_groups(params, make):
+    """``make(groups)``: matrices with the optimizer's weight decay, biases without (as Hugging Face's Trainer does)."""
+    params = list(params)
+    return make([{"params": [p for p in params if p.ndim > 1]},
+                 {"params": [p for p in params if p.ndim == 1], "weight_decay": 0.0}])
+
+
 SGD_ADAMW_SCHEDULES = {
     "sgd-momentum-cosine": (
         lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9, weight_decay=1e-3),
@@ -106,6 +113,13 @@ SGD_ADAMW_SCHEDULES = {
                                                                                 weight_decay=0.05)), None),
          (lambda p: _with_frozen_first_layer(p, True, lambda q: torch.optim.AdamW(q, lr=0.05, weight_decay=0.5)),
           None)],
+    ),
+    # AdamW whose biases are exempt from decay: the groups differ in decoupled decay
+    "adamw-decay-groups": (
+        lambda p: torch.optim.SGD(p, lr=0.2, momentum=0.9),
+        [(lambda p: _decay_groups(p, lambda g: torch.optim.AdamW(g, lr=0.05, weight_decay=0.5)),
+          lambda o: torch.optim.lr_scheduler.LinearLR(o, start_factor=1.0, end_factor=0.1, total_iters=17)),
+         (lambda p: _decay_groups(p, lambda g: torch.optim.AdamW(g, lr=0.02, weight_decay=0.3)), None)],
     ),
     # OneCycleLR cycles SGD's momentum and Adam's β1 along with the learning rate
     "one-cycle": (

@@ -525,8 +525,9 @@ def _check_segment_hyperparameters(steps: list[dict], record) -> None:
             )
 
 
-def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.Tensor, torch.Tensor, list[dict]]:
-    """``(S, Λ, reference steps)`` for segment ``[a, b)`` as flat vectors over parameters.
+def _segment_scaling(run, j, kind, steps, a, b,
+                     preconditioner) -> tuple[torch.Tensor, torch.Tensor, list[dict], Optional[torch.Tensor]]:
+    """``(S, Λ, reference steps, decay)`` for segment ``[a, b)`` as flat vectors over parameters.
 
     ``preconditioner(hp)``: Adam's frozen ``1/(√v̂+ε)`` for the hyper-parameters
     ``hp``, for every parameter Adam has stepped. ``S`` is zero on the
@@ -535,6 +536,14 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     rate is zero where the reference group's is largest. The reference group,
     whose schedule the scalar recurrence follows, is the first with a positive
     learning rate in the segment; when none has one, ``S`` is zero everywhere.
+
+    Decoupled weight decay (AdamW) is a scalar factor of ``δθ`` per step, which
+    the recurrence applies when every group has the same ``lr × weight_decay``.
+    Where groups differ (Hugging Face's Trainer exempts biases and norms from
+    decay) it is left out of the recurrence and ``decay`` holds each
+    coordinate's product ``Π (1 − η λ)`` over the segment, applied to ``δθ``
+    after it: exact without curvature and momentum, off at second order in
+    ``η λ`` otherwise. ``decay`` is None when not needed.
     """
     record = run.stage_records[j - 1]
     names = run.parameter_names
@@ -550,15 +559,21 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     decoupled = kind == ADAM and steps[a]["groups"][g0].get("decoupled_weight_decay", False)
     precond = preconditioner(steps[a]["groups"][g0]) if kind == ADAM and lr0 > 0 else {}
     stepped = stepped_names(run, j)
+    uneven = decoupled and any(
+        abs(s["groups"][g]["lr"] * s["groups"][g].get("weight_decay", 0.0)
+            - s["groups"][g0]["lr"] * s["groups"][g0].get("weight_decay", 0.0)) > 1e-12
+        for s in steps[a:b] for g in range(len(record.param_groups)))
+    factors = {n: torch.ones(sizes[n], dtype=torch.float64) for n in names} if uneven else {}
     for g, group_names in enumerate(record.param_groups):
         hp = steps[ref]["groups"][g]
         ratio = hp["lr"] / lr0 if lr0 > 0 else 0.0
-        if ratio > 0 and decoupled and abs(
-                hp["lr"] * hp.get("weight_decay", 0.0) - lr0 * steps[ref]["groups"][g0].get("weight_decay", 0.0)) > 1e-12:
-            raise UnsupportedOptimizerError(
-                f"stage {record.name!r}: param groups differ in lr × weight_decay under decoupled decay; use "
-                "CurvatureOptions(scheme='exact')."
-            )
+        if uneven:
+            factor = 1.0
+            for s in steps[a:b]:
+                factor *= 1.0 - s["groups"][g]["lr"] * s["groups"][g].get("weight_decay", 0.0)
+            for n in group_names:
+                if n in stepped:  # torch decays only what it steps
+                    factors[n].fill_(factor)
         for n in group_names:
             if n not in stepped or ratio == 0:  # no gradient all stage (frozen, unused), or no step: no move
                 continue
@@ -570,9 +585,10 @@ def _segment_scaling(run, j, kind, steps, a, b, preconditioner) -> tuple[torch.T
     S = torch.cat([scale[n].sqrt() for n in names])
     Lam = torch.cat([decay[n] for n in names])
     # the scalar recurrence runs on the reference group's schedule with coupled decay folded into the operator
-    reference = [{**s, "groups": [{**s["groups"][g0], **({} if decoupled else {"weight_decay": 0.0})}]}
+    # (and decoupled decay, where groups differ in it, applied after the segment)
+    reference = [{**s, "groups": [{**s["groups"][g0], **({} if decoupled and not uneven else {"weight_decay": 0.0})}]}
                  for s in steps[a:b]]
-    return S, Lam, reference
+    return S, Lam, reference, (torch.cat([factors[n] for n in names]) if uneven else None)
 
 
 def _v_hat(opt_state: Optional[dict], hp: dict, names) -> Optional[dict[str, torch.Tensor]]:
@@ -715,7 +731,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
 
     loaded: tuple[Optional[int], Any] = (None, None)  # the last frozen point read (uncached, may serve several)
     for a, b, at in _segment_bounds(run, j, options):
-        S, Lam, reference = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
+        S, Lam, reference, decay = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
         moving = S > 0
         if not bool(moving.any()):  # no learning rate anywhere in the segment: nothing moves
             for _ in range(b - a):
@@ -778,6 +794,8 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         new_u, new_w = (functools.reduce(torch.add, [m[i * B:(i + 1) * B] for i in range(len(blocks))]).to(torch.float64)
                         for m in (to_u, to_w))
         theta = S * new_u if everything else S * new_u + still
+        if decay is not None:
+            theta = theta * decay
         buf = new_w / S if everything else torch.where(moving, new_w * inverse, buf)
         for _ in range(b - a):
             advance()
