@@ -19,7 +19,10 @@ every pipeline is also recorded with ``--seeds`` − 1 more seed offsets (every
 seed + 100·offset; same data), retrained, and scored again, and a third table
 gives the mean ± standard deviation and the minimum over all seeds (linear
 and model mode). The ``secant`` variants take each tangent's curvature part of
-the way along it (``CurvatureOptions(secant=…)``). Writes
+the way along it (``CurvatureOptions(secant=…)``). One variant scores the
+recording with its minibatch indices hidden: segments then average their
+curvature over examples drawn from the stage's data, as they do for a loop
+recorded without ``rec.batch()``. Writes
 benchmarks/results/curvature_schemes.{json,md}.
 """
 
@@ -44,6 +47,8 @@ from stagecredit.validation.metrics import pearson
 DENSE_LABEL = "default segments (10 steps) on checkpoints every 10"
 DENSE_SECANT_LABEL = "segments: Hessian, secant 0.5, on checkpoints every 10"
 DENSE_LABELS = (DENSE_LABEL, DENSE_SECANT_LABEL)  # variants scored on the recording with denser checkpoints
+# scored on the same recording with its minibatch indices hidden, as a loop recorded without rec.batch() is
+UNINDEXED_LABEL = "default segments without minibatch indices (examples drawn from the stage's data)"
 VARIANTS = {
     "aa (H = 0)": None,
     "replay, Hessian (exact, auto)": C.exact(),
@@ -67,6 +72,7 @@ VARIANTS = {
     "segments: secant 0.5": C(secant=0.5),
     "segments: Hessian, secant 0.5": C(curvature="hessian", secant=0.5),
     DENSE_SECANT_LABEL: C(curvature="hessian", secant=0.5),
+    UNINDEXED_LABEL: C(),
 }
 DENSE_EVERY = 10
 
@@ -91,7 +97,7 @@ def main() -> None:
                 "saving more checkpoints changed training; the retraining truth would not apply"
             table_rows, derivative_rows = [], []
             for label, options in VARIANTS.items():
-                on = dense if label in DENSE_LABELS else run
+                on = dense if label in DENSE_LABELS else _without_indices(run) if label == UNINDEXED_LABEL else run
                 row, seconds = _score(on, behaviour, options, truth, derivative)
                 rows.append({"pipeline": name, "variant": label, "seed_offset": 0,
                              "checkpoint_every": on.pipeline.checkpoint_every,
@@ -145,6 +151,7 @@ def _seed_scores(name: str, offset: int) -> dict[str, dict[str, list[float]]]:
                 runs["dense"] = dataclasses.replace(pipe, checkpoint_every=DENSE_EVERY).run(Path(tmp) / f"{name}-dense",
                                                                                            progress=False)
             run = runs["dense" if label in DENSE_LABELS else "default"]
+            run = _without_indices(run) if label == UNINDEXED_LABEL else run
             run._cache = {k: v for k, v in run._cache.items() if k[0] not in ("embeddings", "aa-suffix")}
             out[label] = {}
             for mode in ("linear", "model"):
@@ -152,6 +159,13 @@ def _seed_scores(name: str, offset: int) -> dict[str, dict[str, list[float]]]:
                                         curvature=options, progress=False)
                 out[label][mode] = [pearson(estimate.effects[k], truth.effects[k]) for k in range(run.num_stages)]
     return out
+
+
+def _without_indices(run):
+    """The recording loaded again, its minibatch indices hidden (what a loop recorded without rec.batch() has)."""
+    hidden = sc.Run.load(run.path, pipeline=run.pipeline)
+    hidden.has_batch_indices = lambda k: False
+    return hidden
 
 
 def _seeds_table(name: str, stages: list[str], by_seed: dict[str, list[list[float]]], mode: str) -> Table:

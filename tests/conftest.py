@@ -155,6 +155,40 @@ def quadratic_run(tmp_path, batch_size=16, b_params=lambda params: params, b_opt
     return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
 
 
+def recorded_loop(pipe, path, *, max_grad_norm=None, clip=True, pass_norm=False, with_batches=True):
+    """The pipeline's training as a hand-written loop, recorded by sc.Recorder (a fresh optimizer per stage).
+
+    ``max_grad_norm``: the stages are declared clipped, and the loop clips with
+    ``clip_grad_norm_`` unless ``clip`` is False; ``pass_norm``: the norm it
+    returns goes to ``rec.batch``; ``with_batches``: ``rec.batch`` is called.
+    """
+    from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
+
+    torch.manual_seed(pipe.seed)
+    model = pipe.model_fn()
+    rec = sc.Recorder(path, model, checkpoint_every=pipe.checkpoint_every)
+    for stage in pipe.stages:
+        batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
+        torch.manual_seed(stage.seed)
+        optimizer = stage.optimizer(model.parameters())
+        scheduler = stage.scheduler(optimizer) if stage.scheduler else None
+        with rec.stage(stage.name, optimizer, scheduler=scheduler, max_grad_norm=max_grad_norm):
+            model.train()
+            for step in range(stage.steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = stage.loss_fn(model, collate(stage.data, batches[step])).mean()
+                loss.backward()
+                norm = None
+                if max_grad_norm is not None and clip:
+                    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                if with_batches:
+                    rec.batch(batches[step], loss=loss, grad_norm=norm if pass_norm else None)
+    return rec.finish(pipeline=pipe)
+
+
 def toy_eval():
     """CLI entry point: per-example loss on a held-out toy set."""
     X, y = toy_data(n=64, seed=7)

@@ -9,9 +9,8 @@ import torch
 
 import stagecredit as sc
 import stagecredit.estimators.curvature_propagation as curvature_propagation
-from conftest import quadratic_run, three_stage_pipeline
+from conftest import quadratic_run, recorded_loop, three_stage_pipeline
 from stagecredit.estimators.curvature_propagation import CurvatureOptions as C
-from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
 
 LATER = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.03, momentum=0.8, nesterov=True, weight_decay=0.01),
@@ -91,30 +90,6 @@ def test_segments_with_a_clip_that_never_binds_are_the_unclipped_segments(tmp_pa
         np.testing.assert_array_equal(a, b)
 
 
-def _clipping_loop(pipe, path, max_grad_norm, *, pass_norm: bool, clip: bool = True):
-    """The pipeline's training as a hand-written loop that clips with clip_grad_norm_, recorded by sc.Recorder."""
-    torch.manual_seed(pipe.seed)
-    model = pipe.model_fn()
-    rec = sc.Recorder(path, model, checkpoint_every=pipe.checkpoint_every)
-    for stage in pipe.stages:
-        batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
-        torch.manual_seed(stage.seed)
-        optimizer = stage.optimizer(model.parameters())
-        scheduler = stage.scheduler(optimizer) if stage.scheduler else None
-        with rec.stage(stage.name, optimizer, scheduler=scheduler, max_grad_norm=max_grad_norm):
-            model.train()
-            for step in range(stage.steps):
-                optimizer.zero_grad(set_to_none=True)
-                loss = stage.loss_fn(model, collate(stage.data, batches[step]))
-                loss.backward()
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm) if clip else None
-                optimizer.step()
-                if scheduler is not None:
-                    scheduler.step()
-                rec.batch(batches[step], loss=loss, grad_norm=norm if pass_norm else None)
-    return rec.finish(pipeline=pipe)
-
-
 @pytest.mark.parametrize("pass_norm", [True, False], ids=["norm passed", "norm measured"])
 def test_recorder_records_the_same_clipping_as_the_pipeline(tmp_path, pass_norm):
     pipe = three_stage_pipeline()
@@ -122,7 +97,7 @@ def test_recorder_records_the_same_clipping_as_the_pipeline(tmp_path, pass_norm)
     piped = pipe.run(tmp_path / "pipeline", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the loop clips as declared: no warning
-        looped = _clipping_loop(pipe, tmp_path / "loop", 0.5, pass_norm=pass_norm)
+        looped = recorded_loop(pipe, tmp_path / "loop", max_grad_norm=0.5, pass_norm=pass_norm)
     clipped = 0
     for k in range(1, piped.num_stages + 1):
         assert looped.stage_records[k - 1].max_grad_norm == 0.5
@@ -138,7 +113,7 @@ def test_recorder_warns_when_the_loop_does_not_clip_as_declared(tmp_path):
     pipe = three_stage_pipeline()
     pipe.stages = [dataclasses.replace(s, max_grad_norm=0.5) for s in pipe.stages]
     with pytest.warns(UserWarning, match="does not clip as declared"):
-        _clipping_loop(pipe, tmp_path / "loop", 0.5, pass_norm=False, clip=False)
+        recorded_loop(pipe, tmp_path / "loop", max_grad_norm=0.5, clip=False)
     model = pipe.model_fn()
     rec = sc.Recorder(tmp_path / "r", model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -172,10 +147,14 @@ def test_a_trainable_parameter_no_optimizer_holds_counts_in_the_clip(tmp_path):
     np.testing.assert_allclose(est.effects, truth.effects, atol=0.05 * np.abs(truth.effects).max())
 
 
-def test_recorder_divides_the_measured_norm_by_the_loss_scale(tmp_path):
+def _small_regression():
     torch.manual_seed(0)
     X, Y = torch.randn(64, 6), 5 * torch.randn(64, 2)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    return X, Y, torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+
+
+def test_recorder_divides_the_measured_norm_by_the_loss_scale(tmp_path):
+    X, Y, model = _small_regression()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
     rec = sc.Recorder(tmp_path / "r", model, checkpoint_every=0)
@@ -213,9 +192,7 @@ def test_recorder_warns_and_records_no_norm_when_it_sees_none(tmp_path):
 
 def test_recorder_measures_the_parameters_the_loop_clips(tmp_path):
     """A loop (or Lightning) that clips the optimizer's parameters only: clipped_parameters says so."""
-    torch.manual_seed(0)
-    X, Y = torch.randn(64, 6), 5 * torch.randn(64, 2)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    X, Y, model = _small_regression()
     head = list(model[2].parameters())
     optimizer = torch.optim.SGD(head, lr=0.01)  # the body stays trainable but is not stepped
     rec = sc.Recorder(tmp_path / "r", model, checkpoint_every=0)

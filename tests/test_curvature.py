@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stagecredit as sc
-from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, toy_data, zero_loss
+from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, recorded_loop, three_stage_pipeline, toy_data, zero_loss
 from conftest import quadratic_run as _quadratic_run
 from stagecredit.estimators.curvature import FlatParams, curvature_product
 from stagecredit.estimators.krylov import krylov_function_apply, lanczos
@@ -556,3 +556,34 @@ def test_every_example_of_a_segment_is_taken_in_chunks_of_bounded_size(tmp_path,
                            curvature=options, progress=False)
     assert max(sizes) == 48 and len(sizes) > 20  # three minibatches per chunk, rebuilt at every product call
     np.testing.assert_allclose(chunked.effects, whole.effects, atol=1e-5, rtol=1e-4)
+
+
+def test_segments_without_minibatch_indices_draw_their_examples_from_the_stage_data(tmp_path):
+    """Full batches: the drawn sample is every example, so the estimate equals the one from the recorded batches."""
+    run, behaviour = _quadratic_run(tmp_path, batch_size=64)
+    looped = recorded_loop(run.pipeline, tmp_path / "loop", with_batches=False)
+    assert not looped.has_batch_indices(2) and run.has_batch_indices(2)
+    for options in (C.segments(curvature="hessian", segment_steps=4, curvature_examples=64, krylov_dim=14), C()):
+        a, b = (sc.attribute(r, behaviour, "aa-curvature", "model", curvature=options, progress=False).effects
+                for r in (run, looped))
+        assert np.abs(a).max() > 0.1
+        np.testing.assert_allclose(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_without_minibatch_indices_the_replay_says_so_and_auto_uses_segments(tmp_path, toy_behaviour):
+    pipe = three_stage_pipeline()
+    pipe.checkpoint_every = 5
+    piped = pipe.run(tmp_path / "pipeline", progress=False)
+    looped = recorded_loop(pipe, tmp_path / "loop", with_batches=False)
+    with pytest.raises(sc.RunFileError, match="aa-curvature's segments do not"):
+        sc.attribute(looped, toy_behaviour, "aa-curvature", curvature=C.exact(), progress=False)
+    with pytest.warns(UserWarning, match="without minibatch indices, so it cannot be replayed"):
+        auto = sc.attribute(looped, toy_behaviour, "aa-curvature", curvature=C(scheme="auto"), progress=False)
+    segments = sc.attribute(looped, toy_behaviour, "aa-curvature", progress=False)
+    np.testing.assert_allclose(auto.effects, segments.effects, atol=1e-6)
+    # the drawn examples stand in for the recorded minibatches (other examples: not equal, but alike)
+    recorded = sc.attribute(piped, toy_behaviour, "aa-curvature", progress=False)
+    aa = sc.attribute(piped, toy_behaviour, "aa")
+    for k in range(2):
+        assert np.corrcoef(segments.effects[k], recorded.effects[k])[0, 1] > 0.8
+        assert np.abs(segments.effects[k] - aa.effects[k]).max() > 1e-3  # the curvature was kept

@@ -46,6 +46,10 @@ def _bert_loss(model, batch):
     return F.cross_entropy(model(input_ids=batch[0]).logits, batch[1], reduction="none")
 
 
+def _bert_dict_loss(model, batch):
+    return F.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"], reduction="none")
+
+
 def bert_eval():
     """CLI entry point: per-example loss of the tiny BERT on held-out token sequences."""
     return sc.PerExampleLoss(_text_data(16, 9), _bert_loss, name="toy text loss (nats)")
@@ -94,6 +98,16 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     with torch.no_grad():
         expected = behaviour(run.build_model()) - behaviour(before)
     np.testing.assert_allclose(att.effects[1], expected.double().numpy(), atol=1e-6)
+    # aa-curvature's segments need no minibatch indices: given the stages' data and loss, they draw their examples
+    pipe = sc.Pipeline(tiny_bert, [
+        sc.Stage(stage, _Pairs(*_text_data(64, seed)), _bert_dict_loss, lambda p: torch.optim.AdamW(p), steps=6,
+                 batch_size=8, seed=seed, max_grad_norm=clip)
+        for stage, seed, clip in (("pretrain", 1, 0.5), ("finetune", 2, 1.0))], checkpoint_every=0)
+    with_data = sc.Run.load(tmp_path / "run", pipeline=pipe)
+    curved = sc.attribute(with_data, behaviour, "aa-curvature", "model",
+                          curvature=sc.CurvatureOptions(curvature="hessian"), progress=False)
+    assert np.isfinite(curved.effects).all() and np.abs(curved.effects[0] - att.effects[0]).max() > 1e-6
+    np.testing.assert_allclose(curved.effects[1], att.effects[1], atol=1e-6)  # the last stage: nothing after it
     # the CLI attributes a Trainer-recorded run like any other
     from typer.testing import CliRunner
 

@@ -68,7 +68,7 @@ from stagecredit.estimators.propagation import (
     sgd_tangent_step,
 )
 from stagecredit.progress import progress_bar
-from stagecredit.recording.batches import collate
+from stagecredit.recording.batches import collate, dataset_length
 from stagecredit.recording.training import train_stage
 from stagecredit.storage.run import Run
 
@@ -125,10 +125,11 @@ class CurvatureOptions:
     * ``curvature_examples``: about how many training examples a segment's
       curvature is averaged over: the fewest evenly spaced recorded minibatches
       of the segment that hold at least that many (at least one); ``None``: all
-      of them, evaluated in chunks of at most 512 examples (one minibatch if
-      it is larger), their graphs rebuilt at every product, so memory does not
-      grow with the segment. Fidelity grows with
-      it and so does the cost of every product.
+      of them. A stage recorded without minibatch indices draws as many
+      examples from its data instead. ``None`` is evaluated in chunks of at
+      most 512 examples (one minibatch if it is larger), their graphs rebuilt
+      at every product, so memory does not grow with the segment. Fidelity
+      grows with it and so does the cost of every product.
 
     Stages that clip their gradient's norm (``Stage(max_grad_norm=…)``,
     ``rec.stage(..., max_grad_norm=…)``, the Hugging Face Trainer's default)
@@ -203,7 +204,7 @@ def _require_pipeline(run: Run):
         return run.pipeline
     except RuntimeError as exc:
         raise RuntimeError(
-            f"{METHOD} evaluates curvature on the recorded minibatches, so it needs the stages' data and loss: "
+            f"{METHOD} evaluates curvature on the stages' training data, so it needs their data and loss: "
             f"load the run with sc.Run.load(path, pipeline=pipe). 'delta' and 'aa' work without it."
         ) from exc
 
@@ -323,6 +324,11 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
                 d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance)
             elif options.scheme == "exact":
                 d_theta, d_state = _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance)
+            elif not run.has_batch_indices(j):  # "auto", "adam-replay": nothing to replay
+                warnings.warn(f"stage {run.stages[j - 1]!r} was recorded without minibatch indices, so it cannot be "
+                              f"replayed; {METHOD} uses segments for it, their curvature averaged over examples "
+                              "drawn from the stage's data", stacklevel=2)
+                d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance)
             else:  # "auto", or an Adam stage under "adam-replay": the replay, segments where it does not reproduce
                 try:
                     d_theta, d_state = _exact_stage(run, j, kind, dict(d_theta), dict(d_state), probe, options,
@@ -698,6 +704,43 @@ def _segment_clipping(clip: Optional[list[float]], reference: list[dict], a: int
     return mean, ([c / mean for c in factors] if curvature_only else [1.0] * (b - a))
 
 
+def _segment_sample(run: Run, j: int, stage, options: CurvatureOptions):
+    """``sample(a, b)``: the examples segment ``[a, b)``'s curvature is averaged over, as chunks of data indices.
+
+    With the minibatch indices recorded: the fewest evenly spaced minibatches
+    of the segment that hold ``curvature_examples`` (all of them for ``None``).
+    Without them (a loop recorded without ``rec.batch``): as many examples
+    drawn from the stage's data, without replacement and seeded by the stage's
+    seed and the segment, which is what the segment's minibatches were (for
+    ``None``: as many as the segment trained on, ``batch_size`` per step).
+    ``curvature_examples=None`` is evaluated in chunks of at most
+    ``CHUNK_EXAMPLES`` (one minibatch if larger), so that memory stays one
+    chunk's forward graph however long the segment.
+    """
+    if run.has_batch_indices(j):
+        batches = run.batch_indices(j)
+        per_batch = max(1, batches.shape[1])  # batch_indices is [steps, batch_size]
+
+        def recorded(a: int, b: int) -> list[torch.Tensor]:
+            count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch),
+                                                                         b - a)
+            picks = torch.linspace(a, b - 1, count).round().long().unique()
+            chunk = len(picks) if options.curvature_examples is not None else max(1, CHUNK_EXAMPLES // per_batch)
+            return [batches[picks[i:i + chunk]].reshape(-1) for i in range(0, len(picks), chunk)]
+
+        return recorded
+    n = dataset_length(stage.data)
+
+    def drawn(a: int, b: int) -> list[torch.Tensor]:
+        count = min(n, options.curvature_examples or (b - a) * stage.batch_size)
+        generator = torch.Generator().manual_seed(int(stage.seed or 0) * 1_000_003 + a)
+        indices = torch.randperm(n, generator=generator)[:count]
+        chunk = count if options.curvature_examples is not None else max(CHUNK_EXAMPLES, stage.batch_size)
+        return [indices[i:i + chunk] for i in range(0, count, chunk)]
+
+    return drawn
+
+
 def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     pipeline = run.pipeline
     stage = pipeline.stages[j - 1]
@@ -712,8 +755,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
             "CurvatureOptions(scheme='exact')."
         )
     stage_fresh = next(iter(fresh.values()), True)
-    batches = run.batch_indices(j)
-    per_batch = max(1, batches.shape[1])  # batch_indices is [steps, batch_size]
+    sample = _segment_sample(run, j, stage, options)
     steps_in_stage = run.stage_records[j - 1].steps
     dtype = d_theta[names[0]].dtype
     work = torch.promote_types(dtype, torch.float32)
@@ -740,15 +782,9 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         if loaded[0] != at:
             loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_state_dict(j, at))
         state_dict = loaded[1]
-        count = b - a if options.curvature_examples is None else min(-(-options.curvature_examples // per_batch), b - a)
-        picks = torch.linspace(a, b - 1, count).round().long().unique()
-        # every recorded minibatch of a segment (curvature_examples=None) is taken in chunks: memory stays one
-        # chunk's forward graph however long the segment
-        chunk = len(picks) if options.curvature_examples is not None else max(1, CHUNK_EXAMPLES // per_batch)
-        product = _sample_products(probe, stage, [batches[picks[i:i + chunk]].reshape(-1)
-                                                  for i in range(0, len(picks), chunk)],
-                                   {n: state_dict[n] for n in names}, flat, options.curvature_for("segments"),
-                                   _buffers(probe, state_dict), options.secant, theta)
+        product = _sample_products(probe, stage, sample(a, b), {n: state_dict[n] for n in names}, flat,
+                                   options.curvature_for("segments"), _buffers(probe, state_dict), options.secant,
+                                   theta)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.

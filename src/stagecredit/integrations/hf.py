@@ -11,8 +11,11 @@ The optimizer the Trainer builds (AdamW by default) and its learning-rate
 schedule are read at every optimizer step, so gradient accumulation records
 one step per real update. The Trainer's gradient clipping (``max_grad_norm``,
 1.0 by default) is recorded with each step's norm before clipping. Minibatch identities are not recorded (the Trainer's
-sampler owns them): ``delta`` and ``aa`` work; retraining and ``aa-curvature``
-need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
+sampler owns them): ``delta`` and ``aa`` work, and so do ``aa-curvature``'s
+segments given an ``sc.Pipeline`` that describes the stages' data and loss;
+retraining and the per-step replay need a run recorded through ``sc.Pipeline``
+or ``rec.batch``. The GGN needs a model that returns a tensor: for a
+Transformers model, pass ``CurvatureOptions(curvature="hessian")``.
 """
 
 from __future__ import annotations

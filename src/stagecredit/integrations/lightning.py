@@ -10,8 +10,9 @@
 The optimizer returned by ``configure_optimizers`` (one optimizer) and its
 scheduler are read at every step, and so is ``gradient_clip_val`` (clipping by
 norm, recorded with each step's norm before clipping). Minibatch identities are not recorded:
-``delta`` and ``aa`` work; retraining and ``aa-curvature`` need a run recorded
-through ``sc.Pipeline`` or ``rec.batch``.
+``delta`` and ``aa`` work, and so do ``aa-curvature``'s segments given an
+``sc.Pipeline`` that describes the stages' data and loss; retraining and the
+per-step replay need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
 """
 
 from __future__ import annotations

@@ -15,9 +15,10 @@ at the moment of every ``optimizer.step()`` (lr after the scheduler), so the
 record is the same as ``sc.Pipeline`` would write for the same training.
 
 What each estimator needs: ``delta`` — nothing beyond the stage boundaries;
-``aa`` — the per-step hyper-parameters (always captured); ``aa-curvature`` and
-retraining — the minibatch indices (``rec.batch``) and the pipeline that
-defines the stages' data and loss (``sc.Run.load(path, pipeline=pipe)``).
+``aa`` — the per-step hyper-parameters (always captured); ``aa-curvature`` —
+the pipeline that defines the stages' data and loss
+(``sc.Run.load(path, pipeline=pipe)``); retraining and ``aa-curvature``'s
+per-step replay — also the minibatch indices (``rec.batch``).
 """
 
 from __future__ import annotations

@@ -338,6 +338,12 @@ class Run:
         ``grad_norm`` (the gradient's total norm before clipping) in a stage that clipped it."""
         return self.step_log(k)["steps"]
 
+    def has_batch_indices(self, k: int) -> bool:
+        """Whether stage k was recorded with its minibatch indices."""
+        entry = self._entry(k)
+        return entry.get("batches") is not None or ("batches" not in entry and
+                                                    self.step_log(k).get("batch_indices") is not None)
+
     def batch_indices(self, k: int) -> torch.Tensor:
         """The minibatch indices of stage k, ``[steps, batch_size]``."""
         entry = self._entry(k)
@@ -347,7 +353,8 @@ class Run:
         if indices is None:
             raise RunFileError(
                 f"stage {self.stages[k - 1]!r} was recorded without minibatch indices (pass them with rec.batch()); "
-                "retraining and aa-curvature need them, 'delta' and 'aa' do not"
+                "retraining and aa-curvature's per-step replay need them; 'delta', 'aa' and aa-curvature's segments "
+                "do not"
             )
         return torch.tensor(indices, dtype=torch.long)
 
