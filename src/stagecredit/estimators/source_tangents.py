@@ -135,8 +135,7 @@ class SourceTangents:
                 hvp = None if hv is None else (lambda _x, n=n: hv[n].to(torch.float64))
                 t = None if self.kind == SGD else int(optimizer.state[self.params[n]]["step"])
                 if clipped is not None:  # the curvature term is inside the clipped counterfactual gradients
-                    zero = torch.zeros_like(self.theta[n])  # a parameter without a gradient: no step changes it
-                    hvp, factual, counterfactual = None, clipped[0].get(n, zero[0]), clipped[1].get(n, zero)
+                    hvp, factual, counterfactual = None, clipped[0][n], clipped[1][n]
                     forcing = counterfactual - factual
                 elif self.counterfactual_adam:
                     factual, counterfactual = self._gradients(n, grads, weights)
@@ -185,7 +184,7 @@ class SourceTangents:
         curvature term ``C δθ`` when kept) is clipped exactly, its norm taken
         over every parameter with a gradient, as the stage clipped the real one.
         """
-        names = sorted({n for j in grads for n in grads[j]}, key=list(self.params).index)
+        names = [n for n in self.params if any(n in per_source for per_source in grads.values())]
         pairs = {n: self._gradients(n, grads, weights) for n in names}
         factual = clip_rows({n: f.unsqueeze(0) for n, (f, _) in pairs.items()}, self.max_grad_norm)
         counterfactual = clip_rows({n: c + hv[n].to(torch.float64) if hv is not None and n in hv else c
