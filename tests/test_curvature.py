@@ -1,15 +1,18 @@
 """aa-curvature: curvature products, Lanczos, and exactness against retraining."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import stagecredit as sc
 from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, recorded_loop, three_stage_pipeline, toy_data, zero_loss
 from conftest import quadratic_run as _quadratic_run
-from stagecredit.estimators.curvature import FlatParams, curvature_product
+from stagecredit.estimators.curvature import FlatParams, GGNUnavailableError, curvature_product
 from stagecredit.estimators.krylov import krylov_function_apply, lanczos
 
 C = sc.CurvatureOptions
@@ -136,24 +139,77 @@ def test_products_without_a_batching_rule_fall_back_to_one_row_at_a_time(curvatu
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])
 def test_parameters_the_loss_does_not_curve_get_zero_rows(curvature):
-    # the head's bias enters the logits linearly and "unused" not at all: no curvature through either
+    # "unused" enters the loss not at all: no curvature through it
     torch.manual_seed(4)
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
     model.unused = torch.nn.Parameter(torch.ones(2, dtype=torch.float64))
     X, y = torch.randn(6, 3, dtype=torch.float64), torch.randn(6, 1, dtype=torch.float64)
 
-    def mean_output(m, batch):  # linear in the output: the GGN is zero, the Hessian is the network's own
+    def squared(m, batch):
+        return (m(batch[0]) - batch[1]).square().squeeze(1)
+
+    params = dict(model.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    p0 = flat.flatten({n: p.detach() for n, p in params.items()})
+    V = torch.randn(2, p0.numel(), dtype=torch.float64)
+    product = curvature_product(model, squared, (X, y), params, flat, curvature)(V)
+    outputs = lambda v: torch.func.functional_call(model, flat.unflatten(v), (X,)).squeeze(1)  # noqa: E731
+    if curvature == "hessian":
+        C = torch.autograd.functional.hessian(lambda v: (outputs(v) - y.squeeze(1)).square().mean(), p0)
+    else:
+        J = torch.autograd.functional.jacobian(outputs, p0)  # [6, n]; the loss's Hessian in the outputs is 2/6
+        C = J.T @ J * (2 / len(X))
+    torch.testing.assert_close(product, V @ C.T, rtol=1e-8, atol=1e-10)
+    assert flat.unflatten(product)["unused"].abs().max() == 0
+
+
+def test_a_loss_linear_in_the_outputs_has_a_hessian_but_no_gauss_newton_part():
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+    X = torch.randn(6, 3, dtype=torch.float64)
+
+    def mean_output(m, batch):  # linear in the output, as a model's own loss read off as model(...).loss is
         return m(batch[0]).squeeze(1)
 
     params = dict(model.named_parameters())
     flat = FlatParams.of(params, list(params))
     p0 = flat.flatten({n: p.detach() for n, p in params.items()})
     V = torch.randn(2, p0.numel(), dtype=torch.float64)
-    product = curvature_product(model, mean_output, (X, y), params, flat, curvature)(V)
+    product = curvature_product(model, mean_output, (X,), params, flat, "hessian")(V)
     f = lambda v: torch.func.functional_call(model, flat.unflatten(v), (X,)).mean()  # noqa: E731
-    H = torch.autograd.functional.hessian(f, p0) if curvature == "hessian" else torch.zeros(p0.numel(), p0.numel())
-    torch.testing.assert_close(product, V @ H.T.to(V.dtype), rtol=1e-8, atol=1e-10)
-    assert flat.unflatten(product)["unused"].abs().max() == 0
+    torch.testing.assert_close(product, V @ torch.autograd.functional.hessian(f, p0).T, rtol=1e-8, atol=1e-10)
+    with pytest.raises(GGNUnavailableError, match="linear in the model's outputs.*curvature='hessian'"):
+        curvature_product(model, mean_output, (X,), params, flat, "ggn")
+
+
+class _Nested(torch.nn.Module):
+    """Returns its logits inside a dict with a tuple and an integer tensor beside them, as wrapped models do."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        logits = self.net(x)
+        return {"aux": (logits.detach().sum(), torch.arange(3)), "logits": logits}
+
+
+def test_ggn_reads_the_logits_out_of_a_nested_model_output():
+    torch.manual_seed(5)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.Tanh(), torch.nn.Linear(5, 4)).double()
+    X, y = torch.randn(7, 3, dtype=torch.float64), torch.randint(0, 4, (7,))
+    plain = lambda m, batch: F.cross_entropy(m(batch[0]), batch[1], reduction="none")  # noqa: E731
+    nested = lambda m, batch: F.cross_entropy(m(batch[0])["logits"], batch[1], reduction="none")  # noqa: E731
+    params = dict(net.named_parameters())
+    flat = FlatParams.of(params, list(params))
+    V = torch.randn(3, sum(flat.sizes), dtype=torch.float64)
+    wrapped = _Nested(net)
+    wrapped_params = {f"net.{n}": p for n, p in params.items()}
+    expected = curvature_product(net, plain, (X, y), params, flat, "ggn")(V)
+    got = curvature_product(wrapped, nested, (X, y), wrapped_params, FlatParams.of(wrapped_params, list(wrapped_params)),
+                            "ggn")(V)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+    assert expected.abs().max() > 1e-3
 
 
 class _Attention(torch.nn.Module):
@@ -414,6 +470,7 @@ def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
 
 @pytest.mark.parametrize("name", sorted(SGD_ADAMW_SCHEDULES))
 @pytest.mark.parametrize("scheme", ["exact", "segments", "segments-start"])
+@pytest.mark.filterwarnings("ignore::stagecredit.GGNFallbackWarning")  # 0·output is linear in it: no GGN
 def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy_behaviour, name, scheme):
     first, later = SGD_ADAMW_SCHEDULES[name]
     X, y = toy_data()
@@ -425,6 +482,48 @@ def test_aa_curvature_equals_retraining_when_later_losses_are_zero(tmp_path, toy
     options = C(scheme="segments", centred=False) if scheme == "segments-start" else C(scheme=scheme)
     est = sc.attribute(run, toy_behaviour, "aa-curvature", "model", curvature=options, progress=False)
     np.testing.assert_allclose(est.effects, truth.effects, atol=2e-5, rtol=1e-4)
+
+
+def _own_loss_run(tmp_path):
+    """A later stage whose loss is computed inside the model: linear in the model's output, so no GGN."""
+
+    class OwnLoss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = make_mlp()
+
+        def forward(self, x, y):
+            return {"loss": F.cross_entropy(self.net(x), y), "logits": self.net(x)}
+
+    X, y = toy_data()
+    own = lambda model, batch: model(*batch)["loss"]  # noqa: E731
+    stages = [sc.Stage("s1", (X, y), own, lambda p: torch.optim.SGD(p, lr=0.1), steps=12, batch_size=16, seed=1),
+              sc.Stage("s2", (X, y), own, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), steps=12,
+                       batch_size=16, seed=2)]
+    return sc.Pipeline(OwnLoss, stages, checkpoint_every=4).run(tmp_path / "r", progress=False)
+
+
+@pytest.mark.parametrize("scheme", ["segments", "exact"])
+def test_the_default_curvature_falls_back_to_the_hessian_where_the_loss_is_linear_in_the_outputs(tmp_path, scheme):
+    run = _own_loss_run(tmp_path)
+    X, y = toy_data(seed=5)
+
+    def behaviour(model):
+        return F.cross_entropy(model.net(X), y, reduction="none")
+
+    hessian = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C(scheme=scheme, curvature="hessian"),
+                           progress=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        default = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C(scheme=scheme), progress=False)
+    fell_back = [w for w in caught if issubclass(w.category, sc.GGNFallbackWarning)]
+    # segments take the GGN by default, the replay the Hessian: only segments fall back
+    assert bool(fell_back) == (scheme == "segments")
+    assert all("model(...).loss" in str(w.message) for w in fell_back)
+    np.testing.assert_allclose(default.effects, hessian.effects, rtol=1e-10, atol=1e-12)
+    with pytest.raises(sc.GGNUnavailableError, match="linear in the model's outputs"):
+        sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C(scheme=scheme, curvature="ggn"),
+                     progress=False)
 
 
 # --- errors and integration ---------------------------------------------------------------------

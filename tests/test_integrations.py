@@ -1,5 +1,6 @@
 """Hugging Face Trainer and Lightning: real trainers on CPU, recorded stage by stage."""
 
+import dataclasses
 import math
 import warnings
 
@@ -48,6 +49,10 @@ def _bert_loss(model, batch):
 
 def _bert_dict_loss(model, batch):
     return F.cross_entropy(model(input_ids=batch["input_ids"]).logits, batch["labels"], reduction="none")
+
+
+def _bert_own_loss(model, batch):
+    return model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
 
 
 def bert_eval():
@@ -104,10 +109,19 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
                  batch_size=8, seed=seed, max_grad_norm=clip)
         for stage, seed, clip in (("pretrain", 1, 0.5), ("finetune", 2, 1.0))], checkpoint_every=0)
     with_data = sc.Run.load(tmp_path / "run", pipeline=pipe)
-    curved = sc.attribute(with_data, behaviour, "aa-curvature", "model",
-                          curvature=sc.CurvatureOptions(curvature="hessian"), progress=False)
+    with warnings.catch_warnings():  # the default GGN reads the logits out of the SequenceClassifierOutput
+        warnings.simplefilter("error", sc.GGNFallbackWarning)
+        curved = sc.attribute(with_data, behaviour, "aa-curvature", "model", progress=False)
     assert np.isfinite(curved.effects).all() and np.abs(curved.effects[0] - att.effects[0]).max() > 1e-6
     np.testing.assert_allclose(curved.effects[1], att.effects[1], atol=1e-6)  # the last stage: nothing after it
+    # a loss the model computes itself (given labels) is linear in its outputs: no GGN, the Hessian instead
+    own = sc.Run.load(tmp_path / "run", pipeline=sc.Pipeline(tiny_bert, [
+        dataclasses.replace(stage, loss_fn=_bert_own_loss) for stage in pipe.stages], checkpoint_every=0))
+    with pytest.warns(sc.GGNFallbackWarning, match=r"model\(\.\.\.\)\.loss"):
+        fell_back = sc.attribute(own, behaviour, "aa-curvature", "model", progress=False)
+    hessian = sc.attribute(with_data, behaviour, "aa-curvature", "model",
+                           curvature=sc.CurvatureOptions(curvature="hessian"), progress=False)
+    np.testing.assert_allclose(fell_back.effects, hessian.effects, rtol=1e-4, atol=1e-7)
     # the CLI attributes a Trainer-recorded run like any other
     from typer.testing import CliRunner
 

@@ -15,6 +15,7 @@ from stagecredit.behaviours.loss import (
     worst_group_accuracy,
 )
 from stagecredit.estimators.attribute import SIGN_CONVENTION, Attribution, attribute
+from stagecredit.estimators.curvature import GGNFallbackWarning, GGNUnavailableError
 from stagecredit.estimators.curvature_propagation import CurvatureOptions
 from stagecredit.estimators.embedding import StageEmbedding
 from stagecredit.estimators.optimizers import UnsupportedOptimizerError
@@ -33,6 +34,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Attribution",
     "CurvatureOptions",
+    "GGNFallbackWarning",
+    "GGNUnavailableError",
     "GroupMean",
     "GroupedSplit",
     "InterventionReport",

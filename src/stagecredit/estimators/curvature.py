@@ -8,7 +8,12 @@ differentiated twice in reverse mode. Two curvatures:
 * ``"ggn"``: the Gauss–Newton ``Jᵀ H_L J v`` (positive semi-definite for convex
   losses such as cross-entropy). It splits ``loss_fn`` into the model's output
   and the loss of that output by calling ``loss_fn`` with a stand-in model that
-  returns a given output, so ``loss_fn`` must call the model exactly once.
+  returns a given output, so ``loss_fn`` must call the model exactly once. The
+  output may be a tensor or any nest of them torch's pytrees know (tuples,
+  dicts, a Hugging Face ``ModelOutput``); its floating-point tensors are the
+  outputs ``J`` differentiates. A loss that is linear in them (a model that
+  computes its own loss, read as ``model(...).loss``) has no Gauss–Newton part:
+  :class:`GGNUnavailableError`.
 
 The model is evaluated in eval mode (dropout off), a deterministic stand-in for
 the training-mode step, with the buffers recorded at that point (BatchNorm's
@@ -19,13 +24,23 @@ parameters in a fixed order (:class:`FlatParams`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 CURVATURES = ("hessian", "ggn")
+
+
+class GGNUnavailableError(TypeError):
+    """The Gauss–Newton split does not apply: no differentiable model output, or a loss linear in it."""
+
+
+class GGNFallbackWarning(UserWarning):
+    """The default curvature fell back from the GGN to the Hessian (the message says why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,22 +105,22 @@ class _OutputOf(_LossOf):
         return outputs[0]
 
 
-def _stand_in_loss(loss_fn: Callable, batch: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """The loss as a function of the model's output ``z``."""
+def _stand_in_loss(loss_fn: Callable, batch: Any, rebuild: Callable[[list], Any]) -> Callable[[list], torch.Tensor]:
+    """The loss as a function of the model's differentiable outputs ``zs`` (``rebuild`` nests them as the model did)."""
 
     class StandIn(torch.nn.Module):
-        def __init__(self, z):
+        def __init__(self, output):
             super().__init__()
-            self.z = z
+            self.output = output
 
         def forward(self, *args, **kwargs):
-            return self.z
+            return self.output
 
-    def loss_of_output(z: torch.Tensor) -> torch.Tensor:
-        loss = loss_fn(StandIn(z), batch)
+    def loss_of_outputs(zs: list) -> torch.Tensor:
+        loss = loss_fn(StandIn(rebuild(zs)), batch)
         return loss.mean() if loss.ndim > 0 else loss
 
-    return loss_of_output
+    return loss_of_outputs
 
 
 def curvature_product(
@@ -116,11 +131,14 @@ def curvature_product(
     flat: FlatParams,
     curvature: str = "ggn",
     buffers: Mapping[str, torch.Tensor] | None = None,
+    fallback: str | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """``V [B, n] ↦ C V [B, n]`` with ``C`` the Hessian or GGN of the mean loss on ``batch`` at ``params``.
 
     ``buffers``: the model's buffers at that point (e.g. BatchNorm's running
     statistics, which eval mode uses); without them the module's own are used.
+    ``fallback``: the curvature to use, with a warning, where the GGN is
+    unavailable (:class:`GGNUnavailableError`); without it the error is raised.
 
     The forward pass (and for the Hessian the gradient's graph) is built once;
     every call is reverse-mode passes over it, batched over the rows of ``V``.
@@ -129,6 +147,16 @@ def curvature_product(
     """
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
+    try:
+        return _product(model, loss_fn, batch, params, flat, curvature, buffers)
+    except GGNUnavailableError as exc:
+        if fallback is None or fallback == curvature:
+            raise
+        warnings.warn(f"{exc}; using curvature={fallback!r} instead", GGNFallbackWarning, stacklevel=2)
+        return _product(model, loss_fn, batch, params, flat, fallback, buffers)
+
+
+def _product(model, loss_fn, batch, params, flat: FlatParams, curvature: str, buffers) -> Callable:
     model.eval()
     leaves = [params[n].detach().clone().requires_grad_(True) for n in flat.names]
     prefixed = {f"model.{n}": t for n, t in zip(flat.names, leaves)}
@@ -143,19 +171,37 @@ def curvature_product(
                 return _pull(grads, leaves, list(flat.unflatten(vectors).values()), flat, vectors)
 
         else:
-            z = functional_call(_OutputOf(model, loss_fn, batch), prefixed, ())
-            if not isinstance(z, torch.Tensor):
-                raise TypeError(f"curvature='ggn' needs the model to return a tensor, got {type(z).__name__}")
-            z_leaf = z.detach().requires_grad_(True)
-            loss_grad = torch.autograd.grad(_stand_in_loss(loss_fn, batch)(z_leaf), z_leaf, create_graph=True)
+            output = functional_call(_OutputOf(model, loss_fn, batch), prefixed, ())
+            parts, spec = tree_flatten(output)
+            where = [i for i, t in enumerate(parts) if isinstance(t, torch.Tensor) and t.requires_grad]
+            if not where:
+                raise GGNUnavailableError(
+                    f"curvature='ggn' needs the model to return a floating-point tensor that depends on the parameters "
+                    f"(or a tuple, dict or ModelOutput holding one), got {type(output).__name__}")
+            zs = [parts[i] for i in where]
+            z_leaves = [z.detach().requires_grad_(True) for z in zs]
+
+            def rebuild(values: list) -> Any:
+                nested = [t.detach() if isinstance(t, torch.Tensor) else t for t in parts]
+                for i, value in zip(where, values):
+                    nested[i] = value
+                return tree_unflatten(nested, spec)
+
+            loss_grads = torch.autograd.grad(_stand_in_loss(loss_fn, batch, rebuild)(z_leaves), z_leaves,
+                                             create_graph=True, allow_unused=True)
+            if not any(g is not None and g.requires_grad for g in loss_grads):
+                raise GGNUnavailableError(
+                    "curvature='ggn' found the loss linear in the model's outputs, so its Gauss–Newton matrix is zero: "
+                    "does the model compute its own loss (read as model(...).loss, e.g. a Hugging Face model given "
+                    "labels)? Compute the loss from the logits in loss_fn, or use curvature='hessian'")
             # Jᵀu is linear in u, so differentiating it in u gives J v (the double-backward trick)
-            u = torch.zeros_like(z, requires_grad=True)
-            transposed = torch.autograd.grad(z, leaves, u, create_graph=True, allow_unused=True)
+            us = [torch.zeros_like(z, requires_grad=True) for z in zs]
+            transposed = torch.autograd.grad(zs, leaves, us, create_graph=True, allow_unused=True)
 
             def product(vectors: torch.Tensor) -> torch.Tensor:
-                jv = _pull(transposed, [u], list(flat.unflatten(vectors).values()), None, vectors)
-                hjv = _pull(loss_grad, [z_leaf], [jv], None, vectors)
-                return _pull((z,), leaves, [hjv], flat, vectors)
+                jv = _pull(transposed, us, list(flat.unflatten(vectors).values()), None, vectors)
+                hjv = _pull(loss_grads, z_leaves, jv, None, vectors)
+                return _pull(zs, leaves, hjv, flat, vectors)
 
     return product
 
@@ -164,7 +210,7 @@ def _pull(outputs, inputs, cotangents, flat: FlatParams | None, vectors: torch.T
     """Batched ``Σᵢ cotangentᵢ · ∂outputᵢ/∂inputs`` (rows of the cotangents), flattened over ``inputs``.
 
     Outputs that do not depend on the inputs contribute zero; inputs they do not
-    reach get zero rows.
+    reach get zero rows. Without ``flat``: the list of per-input ``[B, *shape]`` pulls.
     """
     B = vectors.shape[0]
     pairs = [(o, c) for o, c in zip(outputs, cotangents) if o is not None and o.requires_grad]
@@ -184,5 +230,5 @@ def _pull(outputs, inputs, cotangents, flat: FlatParams | None, vectors: torch.T
     pulled = [torch.zeros(B, *x.shape, dtype=vectors.dtype) if g is None else g.detach()
               for g, x in zip(pulled, inputs)]
     if flat is None:
-        return pulled[0]
+        return pulled
     return torch.cat([g.reshape(B, -1) for g in pulled], dim=1)

@@ -113,7 +113,11 @@ class CurvatureOptions:
     ``docs/concepts.md``) and in the replay of a stage without one of its data
     sources (removing a whole source is far outside first order, and there the
     GGN agrees better with retraining: ``benchmarks/sources.py`` against
-    ``benchmarks/sources.py --curvature hessian``).
+    ``benchmarks/sources.py --curvature hessian``). Where the GGN does not
+    apply (the model returns no differentiable output, or ``loss_fn`` is linear
+    in it, as a model that computes its own loss read as ``model(...).loss``)
+    the default takes the Hessian with an :class:`~stagecredit.GGNFallbackWarning`;
+    an explicit ``"ggn"`` raises :class:`~stagecredit.GGNUnavailableError`.
 
     The rest only matter for segments (and for ``"auto"``'s fallback):
 
@@ -195,6 +199,11 @@ class CurvatureOptions:
         """The curvature for ``use``: ``"replay"`` (later stages step by step), ``"segments"`` or ``"source"``."""
         return self.curvature or {"replay": "hessian", "segments": "ggn", "source": "ggn"}[use]
 
+    @property
+    def fallback(self) -> Optional[str]:
+        """The default curvature falls back to the Hessian where the GGN is unavailable; a chosen one does not."""
+        return None if self.curvature else "hessian"
+
     def key(self) -> tuple:
         return dataclasses.astuple(self)
 
@@ -224,21 +233,23 @@ def _buffers(probe: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str
 
 
 def _tangent_products(probe, loss_fn, batch, params: dict[str, torch.Tensor], flat: FlatParams, curvature: str,
-                      buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor):
+                      buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor,
+                      fallback: Optional[str] = None):
     """``V [R, n] ↦ C V``; with ``secant``, row ``r`` gets the curvature at ``θ + secant·δθ_{r mod B}``.
 
     ``tangents [B, n]``: each tangent's ``δθ``; rows ``b, b + B, b + 2B, …`` of
     ``V`` belong to tangent ``b`` (the blocks of a segment's Krylov rows).
     """
     if not secant:
-        return curvature_product(probe, loss_fn, batch, params, flat, curvature, buffers=buffers)
+        return curvature_product(probe, loss_fn, batch, params, flat, curvature, buffers=buffers, fallback=fallback)
     B = tangents.shape[0]
     products = []
     for b in range(B):
         shifted = dict(params)
         for n, d in flat.unflatten(tangents[b]).items():
             shifted[n] = params[n] + secant * d.to(params[n].dtype)
-        products.append(curvature_product(probe, loss_fn, batch, shifted, flat, curvature, buffers=buffers))
+        products.append(curvature_product(probe, loss_fn, batch, shifted, flat, curvature, buffers=buffers,
+                                          fallback=fallback))
 
     def product(vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)
@@ -253,7 +264,8 @@ CHUNK_EXAMPLES = 512  # with curvature_examples=None, a segment's curvature is e
 
 
 def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str, torch.Tensor], flat: FlatParams,
-                     curvature: str, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor):
+                     curvature: str, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor,
+                     fallback: Optional[str] = None):
     """``V ↦ C V`` for the mean loss over the examples ``chunks`` index (a list of index tensors into the stage's data).
 
     One chunk keeps its forward graph across calls. Several are evaluated one
@@ -263,14 +275,14 @@ def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str,
     """
     if len(chunks) == 1:
         return _tangent_products(probe, stage.loss_fn, collate(stage.data, chunks[0]), params, flat, curvature,
-                                 buffers, secant, tangents)
+                                 buffers, secant, tangents, fallback)
     total = sum(len(c) for c in chunks)
 
     def product(vectors: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(vectors.shape, dtype=torch.promote_types(vectors.dtype, torch.float32))
         for indices in chunks:
             part = _tangent_products(probe, stage.loss_fn, collate(stage.data, indices), params, flat, curvature,
-                                     buffers, secant, tangents)(vectors)
+                                     buffers, secant, tangents, fallback)(vectors)
             out += part.to(out.dtype) * (len(indices) / total)
         return out.to(vectors.dtype)
 
@@ -368,7 +380,7 @@ def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
 
     def curvature(batch, params_before):
         product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("source"),
-                                    buffers=dict(model.named_buffers()))
+                                    buffers=dict(model.named_buffers()), fallback=options.fallback)
 
         def apply(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             rows = next(iter(theta.values())).shape[0]  # tangents cover the parameters this stage trains
@@ -447,7 +459,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     def step_tangents(s: int, batch: Any, params_before: dict, optimizer) -> None:
         tangents = flat.flatten(state["theta"])
         product = _tangent_products(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("replay"),
-                                    dict(model.named_buffers()), options.secant, tangents)
+                                    dict(model.named_buffers()), options.secant, tangents, options.fallback)
         hv = flat.unflatten(product(tangents))
         if clip is not None:
             hv = _clipped_change(params, hv, clip[s], record.max_grad_norm)
@@ -784,7 +796,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         state_dict = loaded[1]
         product = _sample_products(probe, stage, sample(a, b), {n: state_dict[n] for n in names}, flat,
                                    options.curvature_for("segments"), _buffers(probe, state_dict), options.secant,
-                                   theta)
+                                   theta, options.fallback)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.

@@ -14,8 +14,10 @@ one step per real update. The Trainer's gradient clipping (``max_grad_norm``,
 sampler owns them): ``delta`` and ``aa`` work, and so do ``aa-curvature``'s
 segments given an ``sc.Pipeline`` that describes the stages' data and loss;
 retraining and the per-step replay need a run recorded through ``sc.Pipeline``
-or ``rec.batch``. The GGN needs a model that returns a tensor: for a
-Transformers model, pass ``CurvatureOptions(curvature="hessian")``.
+or ``rec.batch``. The GGN reads the logits out of a Transformers model's
+output; a ``loss_fn`` that returns the model's own ``.loss`` is linear in the
+outputs and has no GGN, so the default curvature takes the Hessian there (with
+a ``GGNFallbackWarning``): compute the loss from ``.logits`` to keep the GGN.
 """
 
 from __future__ import annotations
