@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
+import queue as queue_module
 import resource
 import statistics
 import tempfile
@@ -80,7 +81,14 @@ def measure(name: str, run_dir: str, phase: str, **settings) -> tuple[float, flo
     queue = ctx.Queue()
     child = ctx.Process(target=_phase, args=(name, run_dir, phase, queue, settings))
     child.start()
-    result = queue.get()
+    while True:  # a child that dies (an exception, the OOM killer) puts nothing: say so instead of waiting forever
+        try:
+            result = queue.get(timeout=5)
+            break
+        except queue_module.Empty:
+            if not child.is_alive():
+                raise RuntimeError(f"{name} {phase}: the measuring process exited with code {child.exitcode} "
+                                   f"without a result (its traceback is above)") from None
     child.join()
     return result
 
