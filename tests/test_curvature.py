@@ -255,8 +255,13 @@ def test_ggn_refuses_a_loss_that_calls_the_model_twice():
     params = dict(model.named_parameters())
     flat = FlatParams.of(params, list(params))
     twice = lambda m, b: ce_loss(m, b) + 0 * m(b[0]).sum()  # noqa: E731
-    with pytest.raises(ValueError, match="exactly once"):
-        curvature_product(model, twice, batch, params, flat, "ggn")(torch.zeros(1, sum(flat.sizes), dtype=torch.float64))
+    vectors = torch.randn(2, sum(flat.sizes), dtype=torch.float64)
+    with pytest.raises(GGNUnavailableError, match="exactly once"):
+        curvature_product(model, twice, batch, params, flat, "ggn")(vectors)
+    # the default curvature's fallback: the Hessian of the same loss, with a warning that says why
+    with pytest.warns(sc.GGNFallbackWarning, match="exactly once"):
+        fell_back = curvature_product(model, twice, batch, params, flat, "ggn", fallback="hessian")
+    torch.testing.assert_close(fell_back(vectors), curvature_product(model, twice, batch, params, flat, "hessian")(vectors))
 
 
 # --- Lanczos ------------------------------------------------------------------------------------

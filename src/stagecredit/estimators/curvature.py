@@ -35,8 +35,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 CURVATURES = ("hessian", "ggn")
 
 
-class GGNUnavailableError(TypeError):
-    """The Gauss–Newton split does not apply: no differentiable model output, or a loss linear in it."""
+class GGNUnavailableError(TypeError, ValueError):
+    """The Gauss–Newton split does not apply: ``loss_fn`` does not call the model exactly once, the model has no
+    differentiable output, or the loss is linear in it."""
 
 
 class GGNFallbackWarning(UserWarning):
@@ -101,7 +102,8 @@ class _OutputOf(_LossOf):
 
         self.loss_fn(Spy(), self.batch)
         if len(outputs) != 1:
-            raise ValueError(f"curvature='ggn' needs loss_fn to call the model exactly once; it called it {len(outputs)} times")
+            raise GGNUnavailableError(
+                f"curvature='ggn' needs loss_fn to call the model exactly once; it called it {len(outputs)} times")
         return outputs[0]
 
 

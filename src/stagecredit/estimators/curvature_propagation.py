@@ -114,9 +114,9 @@ class CurvatureOptions:
     sources (removing a whole source is far outside first order, and there the
     GGN agrees better with retraining: ``benchmarks/sources.py`` against
     ``benchmarks/sources.py --curvature hessian``). Where the GGN does not
-    apply (the model returns no differentiable output, or ``loss_fn`` is linear
-    in it, as a model that computes its own loss read as ``model(...).loss``)
-    the default takes the Hessian with an :class:`~stagecredit.GGNFallbackWarning`;
+    apply (``loss_fn`` calls the model more than once, the model returns no
+    differentiable output, or ``loss_fn`` is linear in it, as a model that
+    computes its own loss read as ``model(...).loss``) the default takes the Hessian with an :class:`~stagecredit.GGNFallbackWarning`;
     an explicit ``"ggn"`` raises :class:`~stagecredit.GGNUnavailableError`.
 
     The rest only matter for segments (and for ``"auto"``'s fallback):
