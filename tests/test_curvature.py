@@ -183,15 +183,16 @@ def test_a_loss_linear_in_the_outputs_has_a_hessian_but_no_gauss_newton_part():
 
 
 class _Nested(torch.nn.Module):
-    """Returns its logits inside a dict with a tuple and an integer tensor beside them, as wrapped models do."""
+    """Returns its logits inside a dict, beside a hidden state the loss ignores, a constant and an integer tensor."""
 
     def __init__(self, net: torch.nn.Module) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x):
-        logits = self.net(x)
-        return {"aux": (logits.detach().sum(), torch.arange(3)), "logits": logits}
+        hidden = self.net[1](self.net[0](x))
+        logits = self.net[2](hidden)
+        return {"aux": (logits.detach().sum(), torch.arange(3)), "hidden": hidden, "logits": logits}
 
 
 def test_ggn_reads_the_logits_out_of_a_nested_model_output():

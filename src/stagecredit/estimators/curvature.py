@@ -191,11 +191,16 @@ def _product(model, loss_fn, batch, params, flat: FlatParams, curvature: str, bu
 
             loss_grads = torch.autograd.grad(_stand_in_loss(loss_fn, batch, rebuild)(z_leaves), z_leaves,
                                              create_graph=True, allow_unused=True)
-            if not any(g is not None and g.requires_grad for g in loss_grads):
+            # outputs the loss is linear in (a model's own loss, hidden states it ignores) have a zero row and
+            # column in its Hessian: leave them out of J and Jᵀ
+            curved = [i for i, g in enumerate(loss_grads) if g is not None and g.requires_grad]
+            if not curved:
                 raise GGNUnavailableError(
                     "curvature='ggn' found the loss linear in the model's outputs, so its Gauss–Newton matrix is zero: "
                     "does the model compute its own loss (read as model(...).loss, e.g. a Hugging Face model given "
                     "labels)? Compute the loss from the logits in loss_fn, or use curvature='hessian'")
+            zs, z_leaves = [zs[i] for i in curved], [z_leaves[i] for i in curved]
+            loss_grads = [loss_grads[i] for i in curved]
             # Jᵀu is linear in u, so differentiating it in u gives J v (the double-backward trick)
             us = [torch.zeros_like(z, requires_grad=True) for z in zs]
             transposed = torch.autograd.grad(zs, leaves, us, create_graph=True, allow_unused=True)
