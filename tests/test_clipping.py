@@ -2,6 +2,7 @@
 
 import dataclasses
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -112,8 +113,10 @@ def test_recorder_records_the_same_clipping_as_the_pipeline(tmp_path, pass_norm)
 def test_recorder_warns_when_the_loop_does_not_clip_as_declared(tmp_path):
     pipe = three_stage_pipeline()
     pipe.stages = [dataclasses.replace(s, max_grad_norm=0.5) for s in pipe.stages]
-    with pytest.warns(UserWarning, match="does not clip as declared"):
+    with pytest.warns(UserWarning, match="does not clip as declared") as caught:
         recorded_loop(pipe, tmp_path / "loop", max_grad_norm=0.5, clip=False)
+    # it names the loop's own line (the end of its `with rec.stage(...)` block), not stagecredit's internals
+    assert {Path(w.filename).name for w in caught if "does not clip" in str(w.message)} == {"conftest.py"}
     model = pipe.model_fn()
     rec = sc.Recorder(tmp_path / "r", model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)

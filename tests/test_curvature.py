@@ -579,7 +579,9 @@ def test_auto_falls_back_to_segments_only_where_a_stage_does_not_replay(toy_run,
     with pytest.warns(UserWarning, match="'finetune' did not reproduce.*uses segments") as caught:
         auto = sc.attribute(loaded, toy_behaviour, "aa-curvature", "linear", curvature=C(scheme="auto"),
                             progress=False)
-    assert len([w for w in caught if "did not reproduce" in str(w.message)]) == 1
+    mismatched = [w for w in caught if "did not reproduce" in str(w.message)]
+    assert len(mismatched) == 1
+    assert mismatched[0].filename == __file__  # the warning names the caller's sc.attribute line, not internals
     assert np.all(np.isfinite(auto.effects))
     # finetune's perturbation only travels through adapt, which still replays: the reference result
     exact = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)

@@ -117,8 +117,9 @@ def test_hf_trainer_stages_are_recorded_with_gradient_accumulation(tmp_path):
     # a loss the model computes itself (given labels) is linear in its outputs: no GGN, the Hessian instead
     own = sc.Run.load(tmp_path / "run", pipeline=sc.Pipeline(tiny_bert, [
         dataclasses.replace(stage, loss_fn=_bert_own_loss) for stage in pipe.stages], checkpoint_every=0))
-    with pytest.warns(sc.GGNFallbackWarning, match=r"model\(\.\.\.\)\.loss"):
+    with pytest.warns(sc.GGNFallbackWarning, match=r"model\(\.\.\.\)\.loss") as caught:
         fell_back = sc.attribute(own, behaviour, "aa-curvature", "model", progress=False)
+    assert {w.filename for w in caught if w.category is sc.GGNFallbackWarning} == {__file__}
     hessian = sc.attribute(with_data, behaviour, "aa-curvature", "model",
                            curvature=sc.CurvatureOptions(curvature="hessian"), progress=False)
     np.testing.assert_allclose(fell_back.effects, hessian.effects, rtol=1e-4, atol=1e-7)

@@ -24,13 +24,14 @@ parameters in a fixed order (:class:`FlatParams`).
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any, Callable, Mapping
 
 import torch
 from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from stagecredit.call_site import warn
 
 CURVATURES = ("hessian", "ggn")
 
@@ -154,7 +155,7 @@ def curvature_product(
     except GGNUnavailableError as exc:
         if fallback is None or fallback == curvature:
             raise
-        warnings.warn(f"{exc}; using curvature={fallback!r} instead", GGNFallbackWarning, stacklevel=2)
+        warn(f"{exc}; using curvature={fallback!r} instead", GGNFallbackWarning)
         return _product(model, loss_fn, batch, params, flat, fallback, buffers)
 
 

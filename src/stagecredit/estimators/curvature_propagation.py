@@ -39,11 +39,11 @@ import dataclasses
 import functools
 import itertools
 import time
-import warnings
 from typing import Any, Optional
 
 import torch
 
+from stagecredit.call_site import warn
 from stagecredit.estimators.curvature import CURVATURES, FlatParams, curvature_product
 from stagecredit.estimators.embedding import StageEmbedding, initial_perturbation
 from stagecredit.estimators.krylov import krylov_functions_apply, lanczos
@@ -337,17 +337,17 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
             elif options.scheme == "exact":
                 d_theta, d_state = _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance)
             elif not run.has_batch_indices(j):  # "auto", "adam-replay": nothing to replay
-                warnings.warn(f"stage {run.stages[j - 1]!r} was recorded without minibatch indices, so it cannot be "
-                              f"replayed; {METHOD} uses segments for it, their curvature averaged over examples "
-                              "drawn from the stage's data", stacklevel=2)
+                warn(f"stage {run.stages[j - 1]!r} was recorded without minibatch indices, so it cannot be "
+                     f"replayed; {METHOD} uses segments for it, their curvature averaged over examples drawn from the "
+                     "stage's data")
                 d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance)
             else:  # "auto", or an Adam stage under "adam-replay": the replay, segments where it does not reproduce
                 try:
                     d_theta, d_state = _exact_stage(run, j, kind, dict(d_theta), dict(d_state), probe, options,
                                                     advance)
                 except ReplayMismatchError as exc:
-                    warnings.warn(f"{exc}; {METHOD} uses segments (frozen curvature at its recorded checkpoints) "
-                                  "for this stage instead", stacklevel=2)
+                    warn(f"{exc}; {METHOD} uses segments (frozen curvature at its recorded checkpoints) for this "
+                         "stage instead")
                     d_theta, d_state = _segments_stage(run, j, kind, d_theta, d_state, probe, options,
                                                        lambda: None)
             # neither run hands on a buffer for a parameter this stage's optimizer did not step

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import time
-import warnings
 from typing import Optional
 
 import torch
 
+from stagecredit.call_site import warn
 from stagecredit.estimators.optimizers import (
     STATE_KEY,
     adam_preconditioner,
@@ -61,11 +61,10 @@ def stage_transitions(run: Run, j: int, method: str = "aa") -> dict[str, StageTr
     stepped = stepped_names(run, j)
     out = {n: StageTransition.untouched() for n in run.parameter_names if n not in stepped}
     if kind == ADAM and source is not None:
-        warnings.warn(
+        warn(
             f"stage {record.name!r} carries Adam state from the stage before it: 'aa' propagates the difference in "
             "exp_avg but not in exp_avg_sq or the bias-correction step count, so the effect of skipping the stage "
             "before it is approximate even when later losses are linear",
-            stacklevel=2,
         )
     for g, names in enumerate(record.param_groups):
         names = [n for n in names if n not in out]

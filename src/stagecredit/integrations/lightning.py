@@ -17,7 +17,6 @@ per-step replay need a run recorded through ``sc.Pipeline`` or ``rec.batch``.
 
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 try:
@@ -25,6 +24,7 @@ try:
 except ImportError:  # pragma: no cover - the standalone package name
     from pytorch_lightning.callbacks import Callback
 
+from stagecredit.call_site import warn
 from stagecredit.recording.recorder import Recorder, StageScope
 
 
@@ -42,8 +42,8 @@ class StageCreditCallback(Callback):
         clip = trainer.gradient_clip_val or None
         algorithm = str(getattr(trainer, "gradient_clip_algorithm", None) or "norm").lower()
         if clip is not None and not algorithm.endswith("norm"):
-            warnings.warn(f"stage {self.scope.name!r}: the Trainer clips gradients by value, which aa-curvature does "
-                          "not model; delta and aa are unaffected", stacklevel=2)
+            warn(f"stage {self.scope.name!r}: the Trainer clips gradients by value, which aa-curvature does not "
+                 "model; delta and aa are unaffected")
             clip = None
         optimizer = trainer.optimizers[0]
         # Lightning clips the norm of the optimizer's parameters, not the module's

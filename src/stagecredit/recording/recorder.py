@@ -26,12 +26,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import torch
 
+from stagecredit.call_site import warn
 from stagecredit.recording.optimizer_state import (
     adam_step_count,
     group_hyperparameters,
@@ -297,22 +297,22 @@ class _ClipMeter:
         if missing:
             for record in records:
                 record.pop("grad_norm", None)
-            warnings.warn(
+            warn(
                 f"stage {self.stage!r}: no gradient norm before clipping was seen at {len(missing)} of its "
                 f"{len(records)} steps (first: step {missing[0]}; gradients sharded or never accumulated into "
                 "the parameters' .grad?), so none is recorded: aa-curvature cannot model this stage's clipping. "
-                "Pass rec.batch(..., grad_norm=…) at every step", stacklevel=3)
+                "Pass rec.batch(..., grad_norm=…) at every step")
             return
         for step, (record, stepped) in enumerate(zip(records, self.stepped)):
             raw = record["grad_norm"]
             expected = raw * min(1.0, self.max_norm / (raw + 1e-6))
             if stepped is not None and abs(stepped - expected) > 1e-3 * max(expected, 1e-12):
-                warnings.warn(
+                warn(
                     f"stage {self.stage!r}, step {step}: the gradient stepped has norm {stepped:.6g}, but clipping "
                     f"a gradient of norm {raw:.6g} to max_grad_norm={self.max_norm} gives {expected:.6g}. The loop "
                     "does not clip as declared, or scales gradients after backward (a GradScaler: pass it as "
                     "rec.stage(..., grad_scaler=scaler), or the norm clip_grad_norm_ returns as "
-                    "rec.batch(..., grad_norm=norm)); aa-curvature's model of the clipping will be off", stacklevel=3)
+                    "rec.batch(..., grad_norm=norm)); aa-curvature's model of the clipping will be off")
                 return
 
 
