@@ -56,6 +56,24 @@ def test_record_attribute_validate_report(tmp_path):
                             curvature=sc.CurvatureOptions(secant=0.5), progress=False)
     saved = json.loads((tmp_path / "secant" / "attribution.json").read_text())["effects"]
     np.testing.assert_allclose(saved, expected.effects, rtol=1e-6, atol=1e-7)
+    # the fidelity/cost knob: a preset with single settings overridden, written beside the numbers it made
+    result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--preset", "fast",
+                    "--krylov-dim", "4", "--curvature-examples", "all", "--curvature", "hessian", "--segment-steps", 3,
+                    "--pipeline", "conftest:three_stage_pipeline", "--out", tmp_path / "knob")
+    assert result.exit_code == 0, result.output
+    options = sc.CurvatureOptions(centred=False, krylov_dim=4, curvature_examples=None, curvature="hessian",
+                                  segment_steps=3)
+    saved = json.loads((tmp_path / "knob" / "attribution.json").read_text())
+    assert saved["settings"] == {"curvature_options": options.to_dict()}
+    expected = sc.attribute(sc.Run.load(run, pipeline=three_stage_pipeline()), toy_eval(), "aa-curvature", "linear",
+                            curvature=options, progress=False)
+    np.testing.assert_allclose(saved["effects"], expected.effects, rtol=1e-6, atol=1e-7)
+    for flags, reason in ((["--curvature-examples", "lots"], "a positive whole number or 'all'"),
+                          (["--preset", "quick"], "unknown preset 'quick'"),
+                          (["--curvature", "fisher"], "unknown curvature 'fisher'")):
+        result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", *flags,
+                        "--pipeline", "conftest:three_stage_pipeline")
+        assert result.exit_code == 2 and reason in result.output, result.output
     result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--secant", "2",
                     "--pipeline", "conftest:three_stage_pipeline")
     assert result.exit_code == 2 and "secant must lie in [0, 1]" in result.output

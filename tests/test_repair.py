@@ -108,6 +108,8 @@ def test_written_checkpoints_hold_what_was_measured(repair, stamped_run):
     report, out = repair
     written = json.loads((out / "interventions.json").read_text())
     assert written["recommended"] == report.recommended and written["source"] == "stamped"
+    # the stage estimator (aa) has no settings; the source estimator (aa-curvature) took the default options
+    assert written["settings"] == {"aa-curvature": {"curvature_options": sc.CurvatureOptions().to_dict()}}
     splits = repair_splits()
     for item in report.interventions:
         if item.checkpoint is None:

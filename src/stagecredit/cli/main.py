@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,8 +27,77 @@ err = Console(stderr=True)
 PIPELINE_HELP = "The pipeline as 'module:function' (or 'file.py:function') returning a stagecredit.Pipeline."
 EVAL_HELP = ("The behaviour as 'module:function' (or 'file.py:function') returning a behaviour (model -> Tensor[N]) "
              "or an evaluation dataset, whose per-example loss under the last stage's loss_fn is then attributed.")
-SECANT_HELP = ("aa-curvature only: where along each tangent its curvature is taken, as a fraction of it: 0 at the "
-               "recorded parameters, 0.5 the midpoint (second-order accurate; helps early stages with --mode model).")
+PRESETS = ("default", "fast", "thorough")
+# aa-curvature's fidelity/cost knob (sc.CurvatureOptions), shared by every command that runs it; a flag left out
+# keeps the preset's setting
+SCHEME = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step replay, the "
+                      "reference) | auto (the replay, segments for a stage that does not replay bit for bit) | "
+                      "adam-replay (the replay for Adam stages, segments for SGD ones).")
+PRESET = typer.Option("default", help="aa-curvature only: the segments' settings to start from: default (centred, "
+                      "5 Krylov vectors, 512 curvature examples) | fast (from the checkpoints, 3, 64) | thorough "
+                      "(centred, 8, every recorded example). The flags below override single settings.")
+CURVATURE = typer.Option(None, help="aa-curvature only: ggn | hessian (default: the Hessian in the replay, the "
+                         "Gauss–Newton in segments).")
+SEGMENT_STEPS = typer.Option(None, min=1, help="aa-curvature segments only: steps per segment (default: the run's "
+                             "checkpoint interval). Longer is cheaper and coarser.")
+KRYLOV_DIM = typer.Option(None, min=1, help="aa-curvature segments only: Lanczos vectors per segment and tangent.")
+CURVATURE_EXAMPLES = typer.Option(None, help="aa-curvature segments only: about how many training examples each "
+                                  "segment's curvature averages over, or 'all' (its every recorded minibatch).")
+SECANT = typer.Option(0.0, help="aa-curvature only: where along each tangent its curvature is taken, as a fraction of "
+                      "it: 0 at the recorded parameters, 0.5 the midpoint (second-order accurate; helps early stages "
+                      "with --mode model).")
+
+
+def curvature_options(scheme: str, preset: str, curvature: Optional[str], segment_steps: Optional[int],
+                      krylov_dim: Optional[int], curvature_examples: Optional[str], secant: float):
+    """The ``sc.CurvatureOptions`` the aa-curvature flags describe."""
+    import dataclasses
+
+    import stagecredit as sc
+
+    presets = {"default": sc.CurvatureOptions(), "fast": sc.CurvatureOptions.fast(),
+               "thorough": sc.CurvatureOptions.thorough()}
+    if preset not in presets:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    settings = {"scheme": scheme, "secant": secant}
+    if curvature is not None:
+        settings["curvature"] = curvature
+    if segment_steps is not None:
+        settings["segment_steps"] = segment_steps
+    if krylov_dim is not None:
+        settings["krylov_dim"] = krylov_dim
+    if curvature_examples is not None:
+        if curvature_examples == "all":
+            settings["curvature_examples"] = None
+        elif curvature_examples.isdigit():
+            settings["curvature_examples"] = int(curvature_examples)
+        else:
+            raise ValueError(f"--curvature-examples takes a positive whole number or 'all', got {curvature_examples!r}")
+    return dataclasses.replace(presets[preset], **settings)
+
+
+# (name, type, typer option) of every flag curvature_options reads, in its argument order
+KNOB_FLAGS = (("scheme", str, SCHEME), ("preset", str, PRESET), ("curvature", Optional[str], CURVATURE),
+              ("segment_steps", Optional[int], SEGMENT_STEPS), ("krylov_dim", Optional[int], KRYLOV_DIM),
+              ("curvature_examples", Optional[str], CURVATURE_EXAMPLES), ("secant", float, SECANT))
+
+
+def with_curvature_knob(command):
+    """Give ``command`` aa-curvature's knob flags; it receives them resolved, as ``options: sc.CurvatureOptions``."""
+    signature = inspect.signature(command)
+    flags = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+             for name, kind, option in KNOB_FLAGS]
+    kept = [p for p in signature.parameters.values() if p.name != "options"]
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        options = curvature_options(*(kwargs.pop(name) for name, _, _ in KNOB_FLAGS))
+        return command(*args, options=options, **kwargs)
+
+    wrapper.__signature__ = signature.replace(parameters=kept + flags)
+    wrapper.__annotations__ = {k: v for k, v in command.__annotations__.items() if k != "options"}
+    wrapper.__annotations__.update({name: kind for name, kind, _ in KNOB_FLAGS})
+    return wrapper
 
 
 def friendly_errors(fn):
@@ -91,19 +161,17 @@ def record(
 
 @app.command()
 @friendly_errors
+@with_curvature_knob
 def attribute(
     run: Path = typer.Argument(..., help="Folder of a recorded run (see 'stagecredit record')."),
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     pipeline: Optional[str] = typer.Option(None, help=PIPELINE_HELP + " Needed when the run cannot rebuild its model by itself."),
     method: str = typer.Option("aa", help="Estimator: delta | aa | aa-curvature (needs --pipeline)."),
-    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
-                               "replay, the reference) | auto (the replay, segments for a stage that does not replay "
-                               "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
-    secant: float = typer.Option(0.0, help=SECANT_HELP),
     mode: str = typer.Option("linear", help="linear: ∇f(θ_T)·e_k by a JVP; model: f(θ_T) − f(θ_T − e_k)."),
     sources: bool = typer.Option(False, "--sources", help="Attribute to every named data source of every stage "
                                  "instead of to the stages."),
     out: Optional[Path] = typer.Option(None, help="Write attribution.json and summary.md here (default: RUN/attribution)."),
+    options=None,  # from the aa-curvature flags (with_curvature_knob)
 ) -> None:
     """Estimate every stage's (or data source's) effect on a behaviour of the final model, without retraining."""
     import stagecredit as sc
@@ -116,7 +184,7 @@ def attribute(
     loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
     estimate = sc.attribute_sources if sources else sc.attribute
-    att = estimate(loaded, behaviour, method=method, mode=mode, curvature=sc.CurvatureOptions(scheme=scheme, secant=secant))
+    att = estimate(loaded, behaviour, method=method, mode=mode, curvature=options)
     out = out or run / "attribution"
     out.mkdir(parents=True, exist_ok=True)
     table = effects_table(att)
@@ -128,16 +196,13 @@ def attribute(
 
 @app.command()
 @friendly_errors
+@with_curvature_knob
 def validate(
     run: Path = typer.Argument(..., help="Folder of a recorded run; recorded from --pipeline first if it holds none."),
     pipeline: str = typer.Option(..., help=PIPELINE_HELP + " Retraining needs it."),
     eval: str = typer.Option(..., "--eval", help=EVAL_HELP),
     methods: List[str] = typer.Option(["delta", "aa"], "--method",
                                       help="Estimators to compare (repeat the option): delta, aa, aa-curvature."),
-    scheme: str = typer.Option("segments", help="aa-curvature only: segments (default, cheaper) | exact (per-step "
-                               "replay, the reference) | auto (the replay, segments for a stage that does not replay "
-                               "bit for bit) | adam-replay (the replay for Adam stages, segments for SGD ones)."),
-    secant: float = typer.Option(0.0, help=SECANT_HELP),
     sources: bool = typer.Option(False, "--sources", help="Validate the effects of every named data source "
                                  "(retraining its stage without it) instead of the stages."),
     ceilings: bool = typer.Option(False, "--ceilings", help="Also measure how reproducible and how linear the "
@@ -149,6 +214,7 @@ def validate(
                                 "retraining, as a fraction of the stage's update norm."),
     out: Optional[Path] = typer.Option(None, help="Write validation.json, summary.md, a plot and report.html here (default: RUN/validation)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    options=None,  # from the aa-curvature flags (with_curvature_knob)
 ) -> None:
     """Compare estimators with the ground truth: retraining the pipeline without each stage (or data source)."""
     import stagecredit as sc
@@ -164,13 +230,12 @@ def validate(
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)
-    curvature = sc.CurvatureOptions(scheme=scheme, secant=secant)
     ceilings = {"epsilon": epsilon, "nudge": nudge} if ceilings else False
     if sources:
-        report = sc.validate_sources(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
+        report = sc.validate_sources(loaded, behaviour, methods=methods, curvature=options, ceilings=ceilings,
                                      progress=progress)
     else:
-        report = sc.validate(loaded, behaviour, methods=methods, curvature=curvature, ceilings=ceilings,
+        report = sc.validate(loaded, behaviour, methods=methods, curvature=options, ceilings=ceilings,
                              progress=progress)
     out = out or run / "validation"
     out.mkdir(parents=True, exist_ok=True)
@@ -185,6 +250,7 @@ def validate(
 
 @app.command()
 @friendly_errors
+@with_curvature_knob
 def intervene(
     run: Path = typer.Argument(..., help="Folder of a recorded run."),
     splits: str = typer.Option(..., help="'module:function' (or 'file.py:function') returning a "
@@ -203,6 +269,7 @@ def intervene(
     out: Optional[Path] = typer.Option(None, help="Write checkpoints, interventions.json, summary.md, repair.png and "
                                        "report.html here (default: RUN/repair)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
+    options=None,  # from the aa-curvature flags (with_curvature_knob)
 ) -> None:
     """Repair the blamed stage: edit θ_T − α·e_k, edit by the blamed source, re-run without it, or drop the stage.
 
@@ -221,7 +288,7 @@ def intervene(
     loaded = sc.Run.load(run, pipeline=pipe)
     out = out or run / "repair"
     report = sc.intervene(loaded, load_splits(splits), stage=stage, source=source, method=method,
-                          source_method=source_method, curvature=sc.CurvatureOptions(), alphas=alphas,
+                          source_method=source_method, curvature=options, alphas=alphas,
                           rerun_weight=rerun_weight, max_accuracy_drop=max_accuracy_drop, retrain=retrain, out=out,
                           progress=progress)
     table = report.table()

@@ -48,6 +48,7 @@ class Attribution:
     embeddings: list[StageEmbedding]
     sign_convention: str = SIGN_CONVENTION
     notes: list[str] = dataclasses.field(default_factory=list)  # what skipping some stages means
+    settings: dict = dataclasses.field(default_factory=dict)  # the estimator's settings (aa-curvature's options)
 
     def embedding(self, k: Union[int, str]) -> dict[str, torch.Tensor]:
         """``e_k`` as parameter tensors; ``k`` is a 0-based position in ``stages`` or a stage name."""
@@ -69,6 +70,7 @@ class Attribution:
             "mode": self.mode,
             "sign_convention": self.sign_convention,
             "notes": self.notes,
+            "settings": self.settings,
             "stages": self.stages,
             "mean_effect": self.totals().tolist(),
             "seconds": self.seconds,
@@ -94,8 +96,19 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     embeddings = stage_embeddings(run, method, curvature, progress=progress)
-    return score_embeddings(run, behaviour, embeddings, method, mode, sign_convention(behaviour),
-                            run.counterfactual_notes())
+    att = score_embeddings(run, behaviour, embeddings, method, mode, sign_convention(behaviour),
+                           run.counterfactual_notes())
+    att.settings = estimator_settings(method, curvature)
+    return att
+
+
+def estimator_settings(method: str, curvature=None) -> dict:
+    """What an attribution records of how it was made: ``aa-curvature``'s options (the default where none given)."""
+    if method != "aa-curvature":
+        return {}
+    from stagecredit.estimators.curvature_propagation import CurvatureOptions
+
+    return {"curvature_options": (curvature or CurvatureOptions()).to_dict()}
 
 
 def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], embeddings: list,

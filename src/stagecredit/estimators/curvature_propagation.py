@@ -207,6 +207,23 @@ class CurvatureOptions:
     def key(self) -> tuple:
         return dataclasses.astuple(self)
 
+    def to_dict(self) -> dict:
+        """The settings, plus the curvature each use resolves to (``"resolved_curvature"``), for results' JSON.
+
+        :meth:`from_dict` reads it back, ignoring the resolved part.
+        """
+        return {**dataclasses.asdict(self),
+                "resolved_curvature": {use: self.curvature_for(use) for use in ("replay", "segments", "source")}}
+
+    @classmethod
+    def from_dict(cls, settings: dict) -> "CurvatureOptions":
+        """The options :meth:`to_dict` wrote (or any dict of their fields); unknown keys are an error."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(settings) - fields - {"resolved_curvature"})
+        if unknown:
+            raise ValueError(f"unknown CurvatureOptions settings {unknown}; known: {', '.join(sorted(fields))}")
+        return cls(**{k: v for k, v in settings.items() if k in fields})
+
 
 def _require_pipeline(run: Run):
     try:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
-from stagecredit.estimators.attribute import Attribution, score_embeddings
+from stagecredit.estimators.attribute import Attribution, estimator_settings, score_embeddings
 from stagecredit.estimators.embedding import METHODS, StageEmbedding, aa_propagate
 from stagecredit.storage.run import Run
 
@@ -116,8 +116,10 @@ def attribute_sources(run: Run, behaviour: Callable[[torch.nn.Module], torch.Ten
     Modes as in :func:`~stagecredit.attribute`.
     """
     embeddings = source_embeddings(run, method, curvature, progress=progress)
-    return score_embeddings(run, behaviour, embeddings, method, mode, source_sign_convention(behaviour),
-                            source_notes(run))
+    att = score_embeddings(run, behaviour, embeddings, method, mode, source_sign_convention(behaviour),
+                           source_notes(run))
+    att.settings = estimator_settings(method, curvature)
+    return att
 
 
 def source_notes(run: Run) -> list[str]:

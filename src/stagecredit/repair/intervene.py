@@ -28,7 +28,7 @@ import torch
 
 from stagecredit.behaviours.evaluate import behaviour_at
 from stagecredit.behaviours.loss import GroupMean, PerExampleCorrect, PerExampleLoss
-from stagecredit.estimators.attribute import attribute
+from stagecredit.estimators.attribute import attribute, estimator_settings
 from stagecredit.estimators.sources import attribute_sources, source_label
 from stagecredit.progress import progress_bar
 from stagecredit.storage.atomic import atomic_save_tensors, atomic_write_json
@@ -114,6 +114,7 @@ class InterventionReport:
     recommended: str
     blame: dict[str, Any]  # what the estimators said, on validation, before any fix
     max_accuracy_drop: float
+    settings: dict = dataclasses.field(default_factory=dict)  # per estimator used: its settings (aa-curvature's)
 
     def get(self, name: str) -> Intervention:
         for item in self.interventions:
@@ -131,6 +132,7 @@ class InterventionReport:
             "recommended": self.recommended,
             "max_accuracy_drop": self.max_accuracy_drop,
             "blame": self.blame,
+            "settings": self.settings,
             "units": "accuracies are fractions in [0, 1]; seconds are wall-clock on this machine",
             "interventions": [
                 {
@@ -325,7 +327,9 @@ def intervene(run: Run, splits: RepairSplits, *, stage: Optional[str] = None, so
     best = max(allowed, key=lambda c: (round(c.validation.worst_group, 6), -c.optimizer_steps, -c.seconds))
     report = InterventionReport(blame["stage"], chosen_source, method, source_method, list(splits.group_names),
                                 candidates,
-                                best.name, blame, max_accuracy_drop)
+                                best.name, blame, max_accuracy_drop,
+                                {m: estimator_settings(m, curvature) for m in (method, source_method)
+                                 if m == "aa-curvature"})
     if out is not None:
         write_interventions(run, report, Path(out))
     return report

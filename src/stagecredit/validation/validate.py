@@ -45,6 +45,7 @@ class ValidationReport:
             "behaviour": self.behaviour,
             "sign_convention": self.sign_convention,
             "forward_seconds": self.forward_seconds,
+            "settings": {a.method: a.settings for a in self.attributions if a.settings},
             "rows": self.rows,
             **({"ceilings": self.ceilings.to_dict()} if self.ceilings is not None else {}),
         }
