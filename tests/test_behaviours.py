@@ -55,33 +55,3 @@ def test_collate_of_a_contiguous_range_equals_indexing():
         sliced = collate(data, range(4, 13))
         indexed = collate(data, torch.arange(4, 13))
         assert all(torch.equal(a, b) for a, b in zip(sliced, indexed))
-
-
-@pytest.mark.parametrize("batchable", [True, False])
-def test_several_tangents_in_one_forward_mode_pass_equal_one_pass_each(toy_run, grouped_data, monkeypatch, batchable):
-    """More tangents than one pass takes (two groups), and a behaviour vmap cannot batch (one tangent at a time)."""
-    from stagecredit.behaviours import evaluate
-
-    monkeypatch.setattr(evaluate, "JVP_TANGENTS", 2)
-    data, groups = grouped_data
-    losses = sc.PerExampleLoss(data)
-
-    def noisy(model):  # a random op: vmap refuses it (its randomness="error")
-        return losses(model) + 0.0 * torch.rand(60)
-
-    behaviour = losses if batchable else noisy
-    model = toy_run.build_model()
-    params = {n: p.detach() for n, p in model.named_parameters()}
-    g = torch.Generator().manual_seed(0)
-    tangents = [{n: torch.randn(p.shape, generator=g) for n, p in params.items()} for _ in range(5)]
-    singles = []
-    one_at_a_time = evaluate.behaviour_jvp
-    monkeypatch.setattr(evaluate, "behaviour_jvp", lambda *args: singles.append(1) or one_at_a_time(*args))
-    value, derivatives = evaluate.behaviour_jvps(model, behaviour, params, tangents)
-    assert derivatives.shape == (5, 60) and len(singles) == (0 if batchable else 5)
-    for tangent, row in zip(tangents, derivatives):
-        one_value, one = one_at_a_time(model, behaviour, params, tangent)
-        torch.testing.assert_close(row, one, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(value, one_value)
-    empty_value, none = evaluate.behaviour_jvps(model, behaviour, params, [])
-    assert none.shape == (0,) and torch.equal(empty_value, value)

@@ -9,7 +9,7 @@ from typing import Callable, Union
 import numpy as np
 import torch
 
-from stagecredit.behaviours.evaluate import behaviour_at, behaviour_jvps
+from stagecredit.behaviours.evaluate import behaviour_at, behaviour_jvp
 from stagecredit.estimators.embedding import METHODS, StageEmbedding, stage_embeddings
 from stagecredit.storage.run import Run
 
@@ -86,8 +86,8 @@ def attribute(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tensor], me
               mode: str = "linear", *, curvature=None, progress: bool = True) -> Attribution:
     """Estimate every stage's effect on ``behaviour`` (DESIGN §3).
 
-    ``mode="linear"``: ``τ̂_k = ∇f(θ_T)·e_k``, forward-mode JVPs over the whole
-    evaluation set, several stages per pass (:func:`behaviour_jvps`). ``mode="model"``: ``τ̂_k = f(θ_T) − f(θ_T − e_k)``,
+    ``mode="linear"``: ``τ̂_k = ∇f(θ_T)·e_k``, one forward-mode JVP per stage over
+    the whole evaluation set. ``mode="model"``: ``τ̂_k = f(θ_T) − f(θ_T − e_k)``,
     one forward pass per stage; works for non-differentiable metrics.
     ``curvature``: a ``CurvatureOptions`` for ``method="aa-curvature"`` (default scheme: segments).
     """
@@ -123,20 +123,20 @@ def score_embeddings(run: Run, behaviour: Callable[[torch.nn.Module], torch.Tens
         raise ValueError(f"the model built for this run lacks the recorded parameters {missing[:5]}")
     # parameters no stage trains keep the values the model was loaded with
     final = {name: built[name] for name in run.parameter_names}
-    if mode == "linear":  # all embeddings' JVPs at once; each stage is charged an equal share of the time
+    rows, seconds = [], []
+    final_values = behaviour_at(model, behaviour, final) if mode == "model" else None
+    for emb in embeddings:
         start = time.perf_counter()
-        final_values, derivatives = behaviour_jvps(model, behaviour, final, [emb.vector for emb in embeddings])
-        rows = list(derivatives)
-        share = (time.perf_counter() - start) / max(1, len(embeddings))
-        seconds = [emb.seconds + share for emb in embeddings]
-    else:
-        rows, seconds = [], []
-        final_values = behaviour_at(model, behaviour, final)
-        for emb in embeddings:
-            start = time.perf_counter()
+        if mode == "linear":
+            value, derivative = behaviour_jvp(model, behaviour, final, emb.vector)
+            final_values = value if final_values is None else final_values
+            rows.append(derivative)
+        else:
             edited = {name: final[name] - emb.vector[name] for name in final}
             rows.append(final_values - behaviour_at(model, behaviour, edited))
-            seconds.append(emb.seconds + time.perf_counter() - start)
+        seconds.append(emb.seconds + time.perf_counter() - start)
+    if final_values is None:  # no embeddings: still report f(θ_T)
+        final_values = behaviour_at(model, behaviour, final)
     return Attribution(
         stages=[e.stage for e in embeddings],
         effects=torch.stack(rows).double().numpy() if rows else np.zeros((0, len(final_values))),
