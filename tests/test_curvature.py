@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 import stagecredit as sc
 from conftest import SGD_ADAMW_SCHEDULES, ce_loss, make_mlp, recorded_loop, three_stage_pipeline, toy_data, zero_loss
 from conftest import quadratic_run as _quadratic_run
-from stagecredit.estimators.curvature import FlatParams, GGNUnavailableError, curvature_product
+from stagecredit.estimators.curvature import CurvatureChoice, FlatParams, GGNUnavailableError, curvature_product
 from stagecredit.estimators.krylov import krylov_function_apply, lanczos
 
 C = sc.CurvatureOptions
@@ -95,7 +95,7 @@ def test_products_use_the_given_buffers(curvature):
 
 @pytest.mark.parametrize("scheme", ["segments", "exact"])
 def test_aa_curvature_evaluates_curvature_with_the_recorded_buffers(tmp_path, monkeypatch, toy_behaviour, scheme):
-    import stagecredit.estimators.curvature_propagation as cp
+    import stagecredit.estimators.curvature as cp
 
     X, y = toy_data()
     stages = [sc.Stage(f"s{i}", (X, y), ce_loss, lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), steps=10,
@@ -264,6 +264,16 @@ def test_ggn_refuses_a_loss_that_calls_the_model_twice():
     with pytest.warns(sc.GGNFallbackWarning, match="exactly once"):
         fell_back = curvature_product(model, twice, batch, params, flat, "ggn", fallback="hessian")
     torch.testing.assert_close(fell_back(vectors), curvature_product(model, twice, batch, params, flat, "hessian")(vectors))
+    # a stage's choice falls back on its first product and keeps the Hessian: no second GGN attempt, no second warning
+    choice = CurvatureChoice("ggn", fallback="hessian")
+    with pytest.warns(sc.GGNFallbackWarning):
+        choice.product(model, twice, batch, params, flat)
+    assert (choice.curvature, choice.fallback) == ("hessian", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = choice.product(model, twice, batch, params, flat)
+    assert again.curvature == "hessian"
+    torch.testing.assert_close(again(vectors), fell_back(vectors))
 
 
 # --- Lanczos ------------------------------------------------------------------------------------
@@ -524,8 +534,9 @@ def test_the_default_curvature_falls_back_to_the_hessian_where_the_loss_is_linea
         warnings.simplefilter("always")
         default = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C(scheme=scheme), progress=False)
     fell_back = [w for w in caught if issubclass(w.category, sc.GGNFallbackWarning)]
-    # segments take the GGN by default, the replay the Hessian: only segments fall back
-    assert bool(fell_back) == (scheme == "segments")
+    # segments take the GGN by default, the replay the Hessian: only segments fall back, and once for the stage (its
+    # later segments take the Hessian without trying the GGN again)
+    assert len(fell_back) == (1 if scheme == "segments" else 0)
     assert all("model(...).loss" in str(w.message) for w in fell_back)
     np.testing.assert_allclose(default.effects, hessian.effects, rtol=1e-10, atol=1e-12)
     with pytest.raises(sc.GGNUnavailableError, match="linear in the model's outputs"):

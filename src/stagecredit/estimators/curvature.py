@@ -24,7 +24,7 @@ parameters in a fixed order (:class:`FlatParams`).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch.func import functional_call
@@ -126,6 +126,24 @@ def _stand_in_loss(loss_fn: Callable, batch: Any, rebuild: Callable[[list], Any]
     return loss_of_outputs
 
 
+@dataclasses.dataclass
+class CurvatureChoice:
+    """The curvature a series of products takes (one stage's): ``curvature``, or ``fallback`` from the first product
+    whose GGN was unavailable on, so later products do not build the GGN's forward pass again only to fall back."""
+
+    curvature: str
+    fallback: Optional[str] = None
+
+    def product(self, model: torch.nn.Module, loss_fn: Callable, batch: Any, params: Mapping[str, torch.Tensor],
+                flat: FlatParams, buffers: Mapping[str, torch.Tensor] | None = None) -> Callable:
+        """:func:`curvature_product` with this choice; a fallback it takes is kept for the products after it."""
+        product = curvature_product(model, loss_fn, batch, params, flat, self.curvature, buffers=buffers,
+                                    fallback=self.fallback)
+        if product.curvature != self.curvature:
+            self.curvature, self.fallback = product.curvature, None
+        return product
+
+
 def curvature_product(
     model: torch.nn.Module,
     loss_fn: Callable,
@@ -147,6 +165,7 @@ def curvature_product(
     every call is reverse-mode passes over it, batched over the rows of ``V``.
     On small models, whose products are mostly per-call overhead, this takes
     about half the time of ``torch.func``'s forward-over-reverse transforms.
+    The returned function's ``curvature`` attribute names the curvature taken.
     """
     if curvature not in CURVATURES:
         raise ValueError(f"unknown curvature {curvature!r}; choose one of {', '.join(CURVATURES)}")
@@ -211,6 +230,7 @@ def _product(model, loss_fn, batch, params, flat: FlatParams, curvature: str, bu
                 hjv = _pull(loss_grads, z_leaves, jv, None, vectors)
                 return _pull(zs, leaves, hjv, flat, vectors)
 
+    product.curvature = curvature
     return product
 
 

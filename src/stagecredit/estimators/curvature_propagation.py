@@ -44,7 +44,7 @@ from typing import Any, Optional
 import torch
 
 from stagecredit.call_site import warn
-from stagecredit.estimators.curvature import CURVATURES, FlatParams, curvature_product
+from stagecredit.estimators.curvature import CURVATURES, CurvatureChoice, FlatParams
 from stagecredit.estimators.embedding import StageEmbedding, initial_perturbation
 from stagecredit.estimators.krylov import krylov_functions_apply, lanczos
 from stagecredit.estimators.optimizers import (
@@ -204,6 +204,10 @@ class CurvatureOptions:
         """The default curvature falls back to the Hessian where the GGN is unavailable; a chosen one does not."""
         return None if self.curvature else "hessian"
 
+    def choice(self, use: str) -> CurvatureChoice:
+        """The curvature for one stage's products for ``use`` (see :meth:`curvature_for`), with its fallback."""
+        return CurvatureChoice(self.curvature_for(use), self.fallback)
+
     def key(self) -> tuple:
         return dataclasses.astuple(self)
 
@@ -249,24 +253,22 @@ def _buffers(probe: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str
     return {n: state[n] for n, _ in probe.named_buffers() if n in state}
 
 
-def _tangent_products(probe, loss_fn, batch, params: dict[str, torch.Tensor], flat: FlatParams, curvature: str,
-                      buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor,
-                      fallback: Optional[str] = None):
+def _tangent_products(probe, loss_fn, batch, params: dict[str, torch.Tensor], flat: FlatParams,
+                      choice: CurvatureChoice, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor):
     """``V [R, n] ↦ C V``; with ``secant``, row ``r`` gets the curvature at ``θ + secant·δθ_{r mod B}``.
 
     ``tangents [B, n]``: each tangent's ``δθ``; rows ``b, b + B, b + 2B, …`` of
     ``V`` belong to tangent ``b`` (the blocks of a segment's Krylov rows).
     """
     if not secant:
-        return curvature_product(probe, loss_fn, batch, params, flat, curvature, buffers=buffers, fallback=fallback)
+        return choice.product(probe, loss_fn, batch, params, flat, buffers)
     B = tangents.shape[0]
     products = []
     for b in range(B):
         shifted = dict(params)
         for n, d in flat.unflatten(tangents[b]).items():
             shifted[n] = params[n] + secant * d.to(params[n].dtype)
-        products.append(curvature_product(probe, loss_fn, batch, shifted, flat, curvature, buffers=buffers,
-                                          fallback=fallback))
+        products.append(choice.product(probe, loss_fn, batch, shifted, flat, buffers))
 
     def product(vectors: torch.Tensor) -> torch.Tensor:
         out = torch.empty_like(vectors)
@@ -281,8 +283,7 @@ CHUNK_EXAMPLES = 512  # with curvature_examples=None, a segment's curvature is e
 
 
 def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str, torch.Tensor], flat: FlatParams,
-                     curvature: str, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor,
-                     fallback: Optional[str] = None):
+                     choice: CurvatureChoice, buffers: dict[str, torch.Tensor], secant: float, tangents: torch.Tensor):
     """``V ↦ C V`` for the mean loss over the examples ``chunks`` index (a list of index tensors into the stage's data).
 
     One chunk keeps its forward graph across calls. Several are evaluated one
@@ -291,15 +292,15 @@ def _sample_products(probe, stage, chunks: list[torch.Tensor], params: dict[str,
     call, for memory that does not grow with the sample.
     """
     if len(chunks) == 1:
-        return _tangent_products(probe, stage.loss_fn, collate(stage.data, chunks[0]), params, flat, curvature,
-                                 buffers, secant, tangents, fallback)
+        return _tangent_products(probe, stage.loss_fn, collate(stage.data, chunks[0]), params, flat, choice,
+                                 buffers, secant, tangents)
     total = sum(len(c) for c in chunks)
 
     def product(vectors: torch.Tensor) -> torch.Tensor:
         out = torch.zeros(vectors.shape, dtype=torch.promote_types(vectors.dtype, torch.float32))
         for indices in chunks:
-            part = _tangent_products(probe, stage.loss_fn, collate(stage.data, indices), params, flat, curvature,
-                                     buffers, secant, tangents, fallback)(vectors)
+            part = _tangent_products(probe, stage.loss_fn, collate(stage.data, indices), params, flat, choice,
+                                     buffers, secant, tangents)(vectors)
             out += part.to(out.dtype) * (len(indices) / total)
         return out.to(vectors.dtype)
 
@@ -395,9 +396,10 @@ def curvature_source_tangents(run: Run, k: int, options: CurvatureOptions, *,
     flat = FlatParams.of(run.parameters(k), names)
     probe = pipeline.build_model()
 
+    choice = options.choice("source")
+
     def curvature(batch, params_before):
-        product = curvature_product(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("source"),
-                                    buffers=dict(model.named_buffers()), fallback=options.fallback)
+        product = choice.product(probe, stage.loss_fn, batch, params_before, flat, dict(model.named_buffers()))
 
         def apply(theta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             rows = next(iter(theta.values())).shape[0]  # tangents cover the parameters this stage trains
@@ -460,6 +462,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     state = {"theta": d_theta, "buf": d_state}
     dtype = d_theta[names[0]].dtype
     clip = clip_coefficients(run, j)
+    choice = options.choice("replay")
     counterfactual_adam = kind == ADAM and not any(
         g.get("amsgrad", False) for st in steps for g in st["groups"])
     if counterfactual_adam:
@@ -475,8 +478,8 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
 
     def step_tangents(s: int, batch: Any, params_before: dict, optimizer) -> None:
         tangents = flat.flatten(state["theta"])
-        product = _tangent_products(probe, stage.loss_fn, batch, params_before, flat, options.curvature_for("replay"),
-                                    dict(model.named_buffers()), options.secant, tangents, options.fallback)
+        product = _tangent_products(probe, stage.loss_fn, batch, params_before, flat, choice,
+                                    dict(model.named_buffers()), options.secant, tangents)
         hv = flat.unflatten(product(tangents))
         if clip is not None:
             hv = _clipped_change(params, hv, clip[s], record.max_grad_norm)
@@ -801,6 +804,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         return preconditioners[key]
 
     loaded: tuple[Optional[int], Any] = (None, None)  # the last frozen point read (uncached, may serve several)
+    choice = options.choice("segments")
     for a, b, at in _segment_bounds(run, j, options):
         S, Lam, reference, decay = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
         moving = S > 0
@@ -811,9 +815,8 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         if loaded[0] != at:
             loaded = (at, run.checkpoint(j) if at == steps_in_stage else run.inner_state_dict(j, at))
         state_dict = loaded[1]
-        product = _sample_products(probe, stage, sample(a, b), {n: state_dict[n] for n in names}, flat,
-                                   options.curvature_for("segments"), _buffers(probe, state_dict), options.secant,
-                                   theta, options.fallback)
+        product = _sample_products(probe, stage, sample(a, b), {n: state_dict[n] for n in names}, flat, choice,
+                                   _buffers(probe, state_dict), options.secant, theta)
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.
