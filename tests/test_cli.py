@@ -65,6 +65,8 @@ def test_record_attribute_validate_report(tmp_path):
                                   segment_steps=3)
     saved = json.loads((tmp_path / "knob" / "attribution.json").read_text())
     assert saved["settings"] == {"curvature_options": options.to_dict()}
+    assert ("aa-curvature settings: scheme=segments, curvature=hessian, segment_steps=3, krylov_dim=4, "
+            "curvature_examples=all, centred=False, secant=0.0.") in (tmp_path / "knob" / "summary.md").read_text()
     expected = sc.attribute(sc.Run.load(run, pipeline=three_stage_pipeline()), toy_eval(), "aa-curvature", "linear",
                             curvature=options, progress=False)
     np.testing.assert_allclose(saved["effects"], expected.effects, rtol=1e-6, atol=1e-7)

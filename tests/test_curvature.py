@@ -667,6 +667,8 @@ def test_validate_reports_aa_curvature_rows(toy_run, toy_behaviour):
                          progress=False)
     # the JSON says how aa-curvature was set up, so the numbers can be reproduced; aa has no settings
     assert report.to_dict()["settings"] == {"aa-curvature": {"curvature_options": options.to_dict()}}
+    assert report.to_markdown().count("aa-curvature settings: scheme=segments, curvature=default, "
+                                      "segment_steps=the checkpoint interval, krylov_dim=4, curvature_examples=512") == 1
     rows = {(r["stage"], r["method"]): r for r in report.rows}
     assert rows[("adapt", "aa-curvature")]["pearson"] == pytest.approx(1.0)
     assert np.isfinite(rows[("pretrain", "aa-curvature")]["pearson"])

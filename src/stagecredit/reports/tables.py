@@ -73,6 +73,19 @@ def epsilon_removal(ceilings) -> str:
             "first-order estimators approximate")
 
 
+_NONE_MEANS = {"curvature": "default", "segment_steps": "the checkpoint interval", "curvature_examples": "all"}
+
+
+def settings_note(settings: dict) -> str:
+    """One sentence naming aa-curvature's options (``Attribution.settings``), or ``""`` where it took none."""
+    options = settings.get("curvature_options")
+    if not options:
+        return ""
+    shown = ", ".join(f"{k}={_NONE_MEANS.get(k, 'none') if v is None else v}" for k, v in options.items()
+                      if k != "resolved_curvature")
+    return f"aa-curvature settings: {shown}."
+
+
 def validation_table(report) -> Table:
     derivative = report.ceilings is not None
     rows = [
@@ -88,7 +101,9 @@ def validation_table(report) -> Table:
         rows=rows,
         note=f"Correlations are across the {len(report.truth.final_values)} behaviour values. {report.sign_convention} "
              + "".join(f"{n} " for n in report.truth.notes) + "Seconds are wall-clock on this machine."
-             + (f" r vs ε-removal: Pearson r with {epsilon_removal(report.ceilings)}." if derivative else ""),
+             + (f" r vs ε-removal: Pearson r with {epsilon_removal(report.ceilings)}." if derivative else "")
+             + "".join(f" {note}" for note in dict.fromkeys(  # once per method, not per mode
+                 settings_note(a.settings) for a in report.attributions if a.settings)),
     )
 
 
@@ -132,5 +147,5 @@ def effects_table(att, title: str | None = None, unit: str = "") -> Table:
         title=title or f"Mean {'source' if '/' in level else 'stage'} effect on {att.behaviour} ({att.method}, {att.mode})",
         columns=[level, f"mean τ̂ {unit}".strip(), "verdict"],
         rows=rows,
-        note=" ".join([att.sign_convention, *att.notes]),
+        note=" ".join([att.sign_convention, *att.notes] + ([settings_note(att.settings)] if att.settings else [])),
     )
