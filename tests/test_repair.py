@@ -136,9 +136,12 @@ def test_intervene_cli_writes_the_report(stamped_run, tmp_path):
     out = tmp_path / "cli"
     result = CliRunner().invoke(app, ["intervene", str(stamped_run.path), "--splits", f"{__file__}:repair_splits",
                                       "--pipeline", f"{__file__}:stamped_pipeline", "--out", str(out),
-                                      "--no-progress"])
+                                      "--krylov-dim", "4", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert "targeted re-run" in result.output
+    # the knob reaches the source estimator, and the report says so
+    written = json.loads((out / "interventions.json").read_text())["settings"]["aa-curvature"]
+    assert written["curvature_options"] == sc.CurvatureOptions(krylov_dim=4).to_dict()
     for name in ("repaired.safetensors", "interventions.json", "summary.md", "report.html", "repair.png"):
         assert (out / name).is_file(), name
     assert "Δ worst" in (out / "summary.md").read_text()
