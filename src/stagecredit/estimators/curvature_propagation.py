@@ -101,9 +101,9 @@ class CurvatureOptions:
     the checkpoints with 256 examples (the former default) 0.925 / 0.864 /
     0.963 and 0.669; ``adam-replay`` 0.971 / 0.910 / 0.982 and 0.745; the
     replay 0.989 / 0.935 / 0.982 and 0.851; ``aa`` 0.486 / 0.546 / 0.896 and
-    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.1346 s and
-    the replay 0.6794 s on 5-stage (retraining 0.2985 s); on a compute-bound
-    1.9M-parameter MLP 3.5863 s and 15.0964 s (retraining 2.4958 s).
+    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.1325 s and
+    the replay 0.6768 s on 5-stage (retraining 0.3516 s); on a compute-bound
+    1.9M-parameter MLP 3.7718 s and 14.6949 s (retraining 2.6071 s).
 
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
