@@ -265,3 +265,20 @@ def test_written_files_get_ordinary_permissions(tmp_path):
     finally:
         os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o644
+
+
+def test_library_calls_leave_the_callers_random_stream_alone(tmp_path, toy_behaviour):
+    """Recording, rebuilding the model and replays seed themselves, but the caller's generator goes on as before."""
+    pipe = three_stage_pipeline()
+
+    def calls():
+        run = pipe.run(tmp_path / "run", progress=False, overwrite=True)
+        run.build_model()
+        sc.attribute(run, toy_behaviour, method="aa-curvature", curvature=sc.CurvatureOptions.exact(), progress=False)
+        sc.validate(run, toy_behaviour, methods=["aa"], progress=False)
+
+    torch.manual_seed(1234)
+    expected = torch.rand(5)
+    torch.manual_seed(1234)
+    calls()
+    assert torch.equal(torch.rand(5), expected)

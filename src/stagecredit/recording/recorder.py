@@ -40,6 +40,7 @@ from stagecredit.recording.optimizer_state import (
 )
 from stagecredit.recording.stage import PretrainedStage, check_max_grad_norm
 from stagecredit.recording.training import StageResult, class_name, external_result, importable_name
+from stagecredit.seeding import seeded
 
 
 @dataclasses.dataclass
@@ -88,8 +89,8 @@ class Recorder:
         else:
             if model_fn is None:
                 raise ValueError("pretrained= needs model_fn to build the fresh initialisation θ_init it is compared with")
-            torch.manual_seed(pipeline_seed)
-            self._writer.write_checkpoint(0, "init", model_fn().state_dict())
+            with seeded(pipeline_seed):
+                self._writer.write_checkpoint(0, "init", model_fn().state_dict())
             stage = PretrainedStage(pretrained, None)
             self._entries.append(self._writer.write_stage(1, stage, None, external_result(model), model.state_dict()))
             self._names.add(pretrained)

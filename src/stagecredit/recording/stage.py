@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from stagecredit.recording.sources import DataSources
+from stagecredit.seeding import seeded
 
 LossFn = Callable[[torch.nn.Module, Any], torch.Tensor]
 OptimizerFactory = Callable[[Iterable[torch.nn.Parameter]], torch.optim.Optimizer]
@@ -138,8 +139,8 @@ class Pipeline:
             raise ValueError(f"stage {names[0]!r} is the first stage: there is no optimizer state to carry")
 
     def build_model(self) -> torch.nn.Module:
-        torch.manual_seed(self.seed)
-        return self.model_fn()
+        with seeded(self.seed):
+            return self.model_fn()
 
     def run(self, path, *, progress: bool = True, overwrite: bool = False):
         """Train every stage in order, recording the run under ``path``; return a ``Run``."""

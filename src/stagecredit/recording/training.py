@@ -24,6 +24,7 @@ from stagecredit.recording.optimizer_state import (
     state_tensors,
 )
 from stagecredit.recording.stage import Pipeline, PretrainedStage, Stage
+from stagecredit.seeding import seeded
 
 
 @dataclasses.dataclass
@@ -63,78 +64,78 @@ def train_stage(
     the parameters it started from and the optimizer after it. Neither may
     change the model or the optimizer.
     """
-    start = time.perf_counter()
-    torch.manual_seed(stage.seed)  # dropout and other in-model randomness replay with the stage
-    optimizer = stage.optimizer(model.parameters())
-    if not isinstance(optimizer, torch.optim.Optimizer):
-        raise TypeError(f"stage {stage.name!r}: optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
-    if carried_state:
-        this_class = class_name(optimizer)
-        if carried_from is not None and carried_from != this_class:
-            raise ValueError(
-                f"stage {stage.name!r} asks to carry optimizer state, but the previous stage ran {carried_from} and "
-                f"this one runs {this_class}; state can only be carried between stages with the same optimizer class"
+    with seeded(stage.seed):  # dropout and other in-model randomness replay with the stage
+        start = time.perf_counter()
+        optimizer = stage.optimizer(model.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"stage {stage.name!r}: optimizer factory returned {type(optimizer).__name__}, not a torch.optim.Optimizer")
+        if carried_state:
+            this_class = class_name(optimizer)
+            if carried_from is not None and carried_from != this_class:
+                raise ValueError(
+                    f"stage {stage.name!r} asks to carry optimizer state, but the previous stage ran {carried_from} and "
+                    f"this one runs {this_class}; state can only be carried between stages with the same optimizer class"
+                )
+            load_state_tensors(optimizer, model, carried_state)
+        scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
+        groups = param_names_by_group(optimizer, model)
+        sources = getattr(stage, "sources", None)
+        if sources is None and (source_weights or source_hook):
+            raise ValueError(f"stage {stage.name!r} has no data sources to weight or track")
+        weights = sources.weights_with(source_weights) if sources is not None else None
+        model.train()
+        records = []
+        for step in range(stage.steps):
+            if before_step is not None:
+                before_step(step, model, optimizer)
+            batch = collate(stage.data, batches[step])
+            hyper = group_hyperparameters(optimizer)  # what this step really uses
+            optimizer.zero_grad(set_to_none=True)
+            model.zero_grad(set_to_none=True)  # also parameters outside the optimizer: a clip would count their gradient
+            source_grads = None
+            if sources is None:
+                loss = stage.loss_fn(model, batch)
+                if loss.ndim > 0:
+                    loss = loss.mean()
+                _check_finite(stage, step, loss)
+                loss.backward()
+            else:
+                loss, source_grads = sourced_backward(model, stage, batch, sources.source_ids[batches[step]], weights,
+                                                      keep=source_hook is not None)
+                _check_finite(stage, step, loss)
+            grad_norm = None
+            if stage.max_grad_norm is not None:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
+            params_before = (
+                {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
             )
-        load_state_tensors(optimizer, model, carried_state)
-    scheduler = stage.scheduler(optimizer) if stage.scheduler is not None else None
-    groups = param_names_by_group(optimizer, model)
-    sources = getattr(stage, "sources", None)
-    if sources is None and (source_weights or source_hook):
-        raise ValueError(f"stage {stage.name!r} has no data sources to weight or track")
-    weights = sources.weights_with(source_weights) if sources is not None else None
-    model.train()
-    records = []
-    for step in range(stage.steps):
-        if before_step is not None:
-            before_step(step, model, optimizer)
-        batch = collate(stage.data, batches[step])
-        hyper = group_hyperparameters(optimizer)  # what this step really uses
-        optimizer.zero_grad(set_to_none=True)
-        model.zero_grad(set_to_none=True)  # also parameters outside the optimizer: a clip would count their gradient
-        source_grads = None
-        if sources is None:
-            loss = stage.loss_fn(model, batch)
-            if loss.ndim > 0:
-                loss = loss.mean()
-            _check_finite(stage, step, loss)
-            loss.backward()
-        else:
-            loss, source_grads = sourced_backward(model, stage, batch, sources.source_ids[batches[step]], weights,
-                                                  keep=source_hook is not None)
-            _check_finite(stage, step, loss)
-        grad_norm = None
-        if stage.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), stage.max_grad_norm))
-        params_before = (
-            {n: p.detach().clone() for n, p in model.named_parameters()} if after_step is not None else None
+            optimizer.step()
+            if source_hook is not None:
+                source_hook(step, hyper, source_grads, weights, optimizer)
+            if after_step is not None:
+                after_step(step, batch, params_before, optimizer)
+            record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
+            if grad_norm is not None:
+                record["grad_norm"] = grad_norm
+            if sources is not None:
+                record["source_examples"] = torch.bincount(sources.source_ids[batches[step]],
+                                                           minlength=len(sources.names)).tolist()
+            t = adam_step_count(optimizer)
+            if t is not None:
+                record["adam_step"] = t
+            records.append(record)
+            if scheduler is not None:
+                scheduler.step()
+            if advance is not None:
+                advance()
+        return StageResult(
+            optimizer_class=class_name(optimizer),
+            scheduler_class=None if scheduler is None else class_name(scheduler),
+            param_groups=groups,
+            steps=records,
+            optimizer_state=state_tensors(optimizer, model),
+            seconds=time.perf_counter() - start,
         )
-        optimizer.step()
-        if source_hook is not None:
-            source_hook(step, hyper, source_grads, weights, optimizer)
-        if after_step is not None:
-            after_step(step, batch, params_before, optimizer)
-        record: dict[str, Any] = {"groups": hyper, "loss": float(loss.detach())}
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        if sources is not None:
-            record["source_examples"] = torch.bincount(sources.source_ids[batches[step]],
-                                                       minlength=len(sources.names)).tolist()
-        t = adam_step_count(optimizer)
-        if t is not None:
-            record["adam_step"] = t
-        records.append(record)
-        if scheduler is not None:
-            scheduler.step()
-        if advance is not None:
-            advance()
-    return StageResult(
-        optimizer_class=class_name(optimizer),
-        scheduler_class=None if scheduler is None else class_name(scheduler),
-        param_groups=groups,
-        steps=records,
-        optimizer_state=state_tensors(optimizer, model),
-        seconds=time.perf_counter() - start,
-    )
 
 
 def _check_finite(stage, step: int, loss: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ from typing import Any, Optional
 
 import torch
 
+from stagecredit.seeding import seeded
 from stagecredit.storage.atomic import atomic_save_tensors, atomic_write_json
 from stagecredit.storage.tensor_files import RunFileError, load_tensors
 
@@ -394,8 +395,8 @@ class Run:
 
     def build_model(self, k: Optional[int] = None) -> torch.nn.Module:
         """A fresh model holding θ^(k) (default: the final model θ_T), in eval mode."""
-        torch.manual_seed(self.manifest.get("pipeline_seed", 0))
-        model = self.model_fn()()
+        with seeded(self.manifest.get("pipeline_seed", 0)):
+            model = self.model_fn()()
         model.load_state_dict(self.checkpoint(self.num_stages if k is None else k))
         return model.eval()
 
