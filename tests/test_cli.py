@@ -3,10 +3,11 @@
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 import stagecredit as sc
-from conftest import three_stage_pipeline, toy_eval
+from conftest import ce_loss, three_stage_pipeline, toy_eval
 
 from stagecredit.cli.main import app
 
@@ -103,3 +104,26 @@ def test_bad_input_exits_nonzero_with_one_line_reason(tmp_path):
     result = invoke("attribute", tmp_path / "r", "--eval", "conftest:toy_eval_dataset",
                     "--pipeline", "conftest:three_stage_pipeline")
     assert result.exit_code == 2 and "one loss per" in result.output
+
+
+def test_record_resume_continues_an_interrupted_recording(tmp_path):
+    class Interrupt(Exception):
+        pass
+
+    calls = [0]
+
+    def loss(model, batch):  # finetune takes 15 calls; the 20th is inside adapt
+        calls[0] += 1
+        if calls[0] >= 20:
+            raise Interrupt
+        return ce_loss(model, batch)
+
+    with pytest.raises(Interrupt):
+        three_stage_pipeline(later_loss=loss).run(tmp_path / "r", progress=False)
+    result = invoke("attribute", tmp_path / "r", "--eval", "conftest:toy_eval")
+    said = " ".join(result.output.split())  # the console wraps long lines
+    assert result.exit_code == 2 and "interrupted after 2 of its 3 stages" in said and "record --resume" in said
+
+    result = invoke("record", "conftest:three_stage_pipeline", tmp_path / "r", "--resume", "--no-progress")
+    assert result.exit_code == 0, result.output
+    assert sc.Run.load(tmp_path / "r").stages == ["pretrain", "finetune", "adapt"]

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import stagecredit as sc
-from conftest import three_stage_pipeline, toy_data
+from conftest import ce_loss, three_stage_pipeline, toy_data
 from stagecredit.recording.batches import minibatch_indices
 from stagecredit.validation.retrain import replay
 
@@ -282,3 +282,77 @@ def test_library_calls_leave_the_callers_random_stream_alone(tmp_path, toy_behav
     torch.manual_seed(1234)
     calls()
     assert torch.equal(torch.rand(5), expected)
+
+
+class _Interrupt(Exception):
+    """Stands in for Ctrl-C or a killed job in the middle of a stage."""
+
+
+def _interrupting_pipeline(after_calls: int):
+    """The toy pipeline whose later stages' loss raises on call ``after_calls + 1`` (finetune takes 15 of them)."""
+    calls = [0]
+
+    def loss(model, batch):
+        calls[0] += 1
+        if calls[0] > after_calls:
+            raise _Interrupt
+        return ce_loss(model, batch)
+
+    return three_stage_pipeline(later_loss=loss), calls
+
+
+def _manifest_files(path) -> list:
+    """Every tensor file's sha256 the manifest names, stage by stage (checkpoints, optimizer state, batches)."""
+    manifest = json.loads((path / "run.json").read_text())
+    stages = [(s["checkpoint"]["sha256"], s["optimizer_state"]["sha256"], s["batches"]["sha256"],
+               [(c["checkpoint"]["sha256"], c["optimizer_state"]["sha256"]) for c in s["inner_checkpoints"]])
+              for s in manifest["stages"]]
+    return [manifest["init"]["sha256"], stages]
+
+
+def test_an_interrupted_recording_resumes_after_its_last_finished_stage_bit_identically(recorded, tmp_path):
+    _, uninterrupted = recorded
+    path = tmp_path / "run"
+    pipe, _ = _interrupting_pipeline(after_calls=20)  # in the middle of adapt, after finetune's 15 steps
+    with pytest.raises(_Interrupt):
+        pipe.run(path, progress=False)
+    with pytest.raises(sc.RunFileError, match=r"interrupted after 2 of its 3 stages .*resume=True"):
+        sc.Run.load(path)
+
+    pipe, calls = _interrupting_pipeline(after_calls=10**9)
+    run = pipe.run(path, progress=False, resume=True)
+    assert calls[0] == 12  # adapt's steps only: pretrain and finetune were not trained again
+    assert _manifest_files(path) == _manifest_files(uninterrupted)
+    assert not (path / "recording.json").exists()
+    assert torch.equal(run.checkpoint(3)["0.weight"], sc.Run.load(uninterrupted).checkpoint(3)["0.weight"])
+
+
+def test_resume_checks_the_pipeline_and_plain_run_starts_again_with_a_warning(recorded, tmp_path):
+    _, uninterrupted = recorded
+    path = tmp_path / "run"
+    pipe, _ = _interrupting_pipeline(after_calls=20)
+    with pytest.raises(_Interrupt):
+        pipe.run(path, progress=False)
+
+    changed = three_stage_pipeline()
+    changed.stages[1].steps = 14
+    with pytest.raises(ValueError, match="does not match"):
+        changed.run(path, progress=False, resume=True)
+    reseeded = three_stage_pipeline()
+    reseeded.seed = 7
+    with pytest.raises(ValueError, match="another initialisation"):
+        reseeded.run(path, progress=False, resume=True)
+    with pytest.raises(ValueError, match="pass one"):
+        three_stage_pipeline().run(path, progress=False, resume=True, overwrite=True)
+
+    pipe, calls = _interrupting_pipeline(after_calls=10**9)
+    with pytest.warns(UserWarning, match="interrupted after 2 of its stages"):
+        pipe.run(path, progress=False)
+    assert calls[0] == 27  # finetune and adapt trained again
+    assert _manifest_files(path) == _manifest_files(uninterrupted)
+
+
+def test_resume_with_nothing_to_resume_records_from_the_start(recorded, tmp_path):
+    _, uninterrupted = recorded
+    three_stage_pipeline().run(tmp_path / "run", progress=False, resume=True)
+    assert _manifest_files(tmp_path / "run") == _manifest_files(uninterrupted)

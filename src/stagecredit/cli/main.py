@@ -150,12 +150,14 @@ def record(
     pipeline: str = typer.Argument(..., help=PIPELINE_HELP),
     run: Path = typer.Argument(..., help="Folder to record the run into."),
     overwrite: bool = typer.Option(False, help="Replace a run already recorded there."),
+    resume: bool = typer.Option(False, help="Continue a recording that was interrupted, after the last stage it "
+                                            "finished (bit-identical to an uninterrupted one)."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
     """Train a pipeline stage by stage and record checkpoints, optimizer state and per-step hyper-parameters."""
     from stagecredit.cli.loading import load_pipeline
 
-    recorded = load_pipeline(pipeline).run(run, progress=progress, overwrite=overwrite)
+    recorded = load_pipeline(pipeline).run(run, progress=progress, overwrite=overwrite, resume=resume)
     console.print(f"Recorded {recorded.num_stages} stages {recorded.stages} into {run}")
 
 
@@ -226,7 +228,7 @@ def validate(
     pipe = load_pipeline(pipeline)
     if not (run / "run.json").exists():
         console.print(f"No recorded run in {run}: recording it from {pipeline} first.")
-        loaded = pipe.run(run, progress=progress)
+        loaded = pipe.run(run, progress=progress, resume=True)  # an interrupted recording there is finished
     else:
         loaded = sc.Run.load(run, pipeline=pipe)
     behaviour = load_behaviour(eval, pipe)

@@ -142,8 +142,15 @@ class Pipeline:
         with seeded(self.seed):
             return self.model_fn()
 
-    def run(self, path, *, progress: bool = True, overwrite: bool = False):
-        """Train every stage in order, recording the run under ``path``; return a ``Run``."""
+    def run(self, path, *, progress: bool = True, overwrite: bool = False, resume: bool = False):
+        """Train every stage in order, recording the run under ``path``; return a ``Run``.
+
+        ``resume=True``: continue a recording that was interrupted, after the
+        last stage it finished (the result is bit-identical to an uninterrupted
+        recording); with nothing to resume it records from the start. The
+        pipeline must be the one that began it (checked: its stages and its
+        initialisation). ``overwrite=True``: replace a finished run there.
+        """
         from stagecredit.recording.training import record_pipeline
 
-        return record_pipeline(self, path, progress=progress, overwrite=overwrite)
+        return record_pipeline(self, path, progress=progress, overwrite=overwrite, resume=resume)

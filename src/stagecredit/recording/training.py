@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from stagecredit.call_site import warn
 from stagecredit.progress import progress_bar
 from stagecredit.recording.batches import collate, dataset_length, minibatch_indices
 from stagecredit.recording.optimizer_state import (
@@ -196,22 +197,45 @@ def importable_name(fn: Callable) -> Optional[str]:
     return f"{module}:{qualname}" if obj is fn else None
 
 
-def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrite: bool = False):
+def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrite: bool = False,
+                    resume: bool = False):
     from stagecredit.storage.run import Run, RunWriter
 
+    if resume and overwrite:
+        raise ValueError("resume=True continues an interrupted recording and overwrite=True discards it: pass one")
     writer = RunWriter(Path(path), overwrite=overwrite)
     model = pipeline.build_model()
-    writer.write_checkpoint(0, "init", model.state_dict())
-    total = sum(s.steps for s in pipeline.stages)
-    every = pipeline.checkpoint_every
+    planned = [s.name for s in pipeline.stages]
+    done = writer.interrupted()
+    if done is not None and not resume:
+        warn(f"{path} holds a recording interrupted after {len(done['stages'])} of its stages {done['planned']}; "
+             "recording from the start (pipe.run(path, resume=True) would have continued it)")
+        done = None
     state: Optional[dict[str, torch.Tensor]] = None
     state_class: Optional[str] = None
-    stage_entries = []
+    stage_entries: list[dict[str, Any]] = []
+    if done is None:
+        writer.write_checkpoint(0, "init", model.state_dict())
+    else:
+        stage_entries = _resume_point(Run(Path(path), {"init": done["init"], "stages": done["stages"]}), pipeline,
+                                      model)
+        writer.init_entry = done["init"]
+        if stage_entries:
+            last = Run(Path(path), {"init": done["init"], "stages": stage_entries})
+            model.load_state_dict(last.checkpoint(len(stage_entries)))
+            if not stage_entries[-1].get("external", False):  # a pretrained stage hands on no optimizer state
+                state, state_class = last.optimizer_state(len(stage_entries)), stage_entries[-1]["optimizer_class"]
+    finished = len(stage_entries)
+    total = sum(s.steps for s in pipeline.stages[finished:])
+    every = pipeline.checkpoint_every
     with progress_bar("training", total, enabled=progress) as advance:
         for k, stage in enumerate(pipeline.stages, start=1):
+            if k <= finished:  # before the interruption
+                continue
             if isinstance(stage, PretrainedStage):
                 model.load_state_dict(stage.load())
                 stage_entries.append(writer.write_stage(k, stage, None, external_result(model), model.state_dict()))
+                writer.write_progress(planned, stage_entries)
                 continue
             batches = minibatch_indices(dataset_length(stage.data), stage.steps, stage.batch_size, stage.seed)
             carried = state if stage.carry_optimizer_state else None
@@ -231,5 +255,36 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
                                  before_step=save_inner, source_hook=tracker.step if tracker else None)
             stage_entries.append(writer.write_stage(k, stage, batches, result, model.state_dict(), inner, tracker))
             state, state_class = result.optimizer_state, result.optimizer_class
+            writer.write_progress(planned, stage_entries)
     writer.finish(pipeline, stage_entries, importable_name(pipeline.model_fn))
     return Run.load(path, pipeline=pipeline)
+
+
+def _resume_point(partial, pipeline: Pipeline, model: torch.nn.Module) -> list[dict[str, Any]]:
+    """The finished stages' entries of an interrupted recording, checked against ``pipeline`` and its initialisation.
+
+    Resuming is only bit-identical to an uninterrupted recording when the
+    pipeline is the one that started it: the same stages in the same order
+    and the same initialisation (``model_fn`` under the pipeline's seed).
+    """
+    from stagecredit.storage.tensor_files import RunFileError
+
+    where = f"the interrupted recording at {partial.path}"
+    again = "record it from the start with pipe.run(path) (without resume)"
+    try:
+        partial.check_stages(pipeline.stages[:partial.num_stages])
+    except ValueError as exc:
+        raise ValueError(f"{exc}; {again}") from exc
+    for record, stage in zip(partial.stage_records, pipeline.stages):
+        if record.carry_optimizer_state != stage.carry_optimizer_state:
+            raise ValueError(f"{where}: stage {record.name!r} was recorded with carry_optimizer_state="
+                             f"{record.carry_optimizer_state}, the pipeline's has {stage.carry_optimizer_state}; {again}")
+    try:
+        init = partial.checkpoint(0)
+    except RunFileError as exc:
+        raise RunFileError(f"{where} cannot resume: {exc}") from exc
+    fresh = model.state_dict()
+    if set(init) != set(fresh) or any(not torch.equal(init[n], fresh[n]) for n in fresh):
+        raise ValueError(f"{where} began from another initialisation than the pipeline's model_fn gives now (its "
+                         f"model_fn, or the seed, changed); {again}")
+    return list(partial.manifest["stages"])

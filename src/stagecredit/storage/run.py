@@ -42,6 +42,9 @@ def _stage_dir(k: int, name: str) -> str:
     return f"{k:02d}_{name}"
 
 
+PROGRESS_FILE = "recording.json"  # a recording in progress: the stages finished so far (run.json comes last)
+
+
 class RunWriter:
     def __init__(self, path: Path, *, overwrite: bool) -> None:
         if (path / "run.json").exists():
@@ -51,6 +54,21 @@ class RunWriter:
         path.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.init_entry: dict[str, str] = {}
+
+    def interrupted(self) -> Optional[dict[str, Any]]:
+        """What an interrupted recording in this folder finished: ``{"init", "stages", "planned"}``, or None."""
+        progress_path = self.path / PROGRESS_FILE
+        if not progress_path.is_file():
+            return None
+        try:
+            return json.loads(progress_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise RunFileError(f"corrupted run file: {progress_path} is not valid JSON ({exc}); record the run again "
+                               "with overwrite=True") from exc
+
+    def write_progress(self, planned: list[str], stages: list[dict[str, Any]]) -> None:
+        """Note the stages finished so far, so that an interrupted recording can resume after the last of them."""
+        atomic_write_json(self.path / PROGRESS_FILE, {"init": self.init_entry, "stages": stages, "planned": planned})
 
     def write_checkpoint(self, k: int, name: str, state_dict: dict[str, torch.Tensor]) -> dict[str, str]:
         rel = f"checkpoints/{_stage_dir(k, name)}.safetensors"
@@ -116,6 +134,10 @@ class RunWriter:
         return entry
 
     def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
+        self._write_manifest(pipeline, stages, model_fn_name)
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
+
+    def _write_manifest(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
         atomic_write_json(
             self.path / "run.json",
             {
@@ -167,6 +189,13 @@ class Run:
         path = Path(path)
         manifest_path = path / "run.json"
         if not manifest_path.is_file():
+            progress_path = path / PROGRESS_FILE
+            if progress_path.is_file():
+                done = json.loads(progress_path.read_text())
+                raise RunFileError(
+                    f"the recording at {path} was interrupted after {len(done['stages'])} of its "
+                    f"{len(done['planned'])} stages {done['planned']}; finish it with pipe.run(path, resume=True) "
+                    "(CLI: stagecredit record --resume)")
             raise RunFileError(f"no recorded run at {path}: {manifest_path} is missing (was the run interrupted?)")
         try:
             manifest = json.loads(manifest_path.read_text())
@@ -178,8 +207,12 @@ class Run:
         return cls(path, manifest, pipeline)
 
     def _check_pipeline(self, pipeline) -> None:
+        self.check_stages(pipeline.stages)
+
+    def check_stages(self, stages) -> None:
+        """Raise ``ValueError`` unless ``stages`` (a pipeline's) are the ones recorded here, in order."""
         recorded = [(s.name, s.steps, s.batch_size, s.seed) for s in self.stage_records]
-        given = [(s.name, s.steps, s.batch_size, s.seed) for s in pipeline.stages]
+        given = [(s.name, s.steps, s.batch_size, s.seed) for s in stages]
         # a run recorded from a hand-written loop may not know a stage's batch size or seed
         comparable = [tuple(g if r is not None else None for r, g in zip(rec, giv)) for rec, giv in zip(recorded, given)]
         if len(recorded) != len(given) or recorded != comparable:
@@ -187,7 +220,7 @@ class Run:
                 f"the pipeline does not match the run at {self.path}: recorded stages (name, steps, batch, seed) "
                 f"{recorded}, pipeline has {given}"
             )
-        for rec, stage in zip(self.stage_records, pipeline.stages):
+        for rec, stage in zip(self.stage_records, stages):
             given_norm = getattr(stage, "max_grad_norm", None)
             if rec.max_grad_norm != given_norm:
                 raise ValueError(
