@@ -22,7 +22,9 @@ and model mode). The ``secant`` variants take each tangent's curvature part of
 the way along it (``CurvatureOptions(secant=…)``). One variant scores the
 recording with its minibatch indices hidden: segments then average their
 curvature over examples drawn from the stage's data, as they do for a loop
-recorded without ``rec.batch()``. Writes
+recorded without ``rec.batch()``. ``counterfactual_adam=False`` freezes Adam's
+recorded second moment along each perturbation instead of taking the
+perturbed run's own (the segments' behaviour before it was the default). Writes
 benchmarks/results/curvature_schemes.{json,md}.
 """
 
@@ -55,6 +57,7 @@ VARIANTS = {
     "replay, GGN": C.exact("ggn"),
     "segments: centred, GGN, k5, 512 examples (default)": C(),
     "replay in Adam stages, default segments in SGD ones (adam-replay)": C(scheme="adam-replay"),
+    "segments: the recorded Adam second moment (counterfactual_adam=False)": C(counterfactual_adam=False),
     "segments: centred, Hessian": C(curvature="hessian"),
     "segments: from the checkpoints": C(centred=False),
     "segments: from the checkpoints, 256 examples (former default on digits)": C(centred=False,

@@ -71,10 +71,15 @@ def test_the_replay_of_clipped_stages_equals_retraining_on_a_quadratic_model(tmp
 
 @pytest.mark.parametrize("later", sorted(LATER))
 def test_segments_scale_the_curvature_by_the_clip_factor(tmp_path, monkeypatch, later):
-    """Segments linearise the clip around the recorded run (c·C): closer to retraining than without it."""
+    """Segments linearise the clip around the recorded run (c·C): closer to retraining than without it.
+
+    Through AdamW the counterfactual second moment also bounds the perturbed steps, and with it the clip's own
+    share is small (max error 0.90 with the clip factors, 0.95 without), so the clip is tested with the recorded one.
+    """
     run, behaviour = _clipped_quadratic_run(tmp_path, LATER[later])
     truth = sc.retrain_effects(run, behaviour, progress=False)
-    options = C.segments(curvature="hessian", segment_steps=4, curvature_examples=1, krylov_dim=14)
+    options = C.segments(curvature="hessian", segment_steps=4, curvature_examples=1, krylov_dim=14,
+                         counterfactual_adam=False)
     est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=options, progress=False)
     ignored = sc.attribute(_ignoring_clipping(run, monkeypatch), behaviour, "aa-curvature", "model",
                            curvature=options, progress=False)

@@ -333,13 +333,9 @@ def test_exact_replay_equals_retraining_on_a_quadratic_model(tmp_path, curvature
     assert np.abs(aa.effects - truth.effects).max() > 1e-2
 
 
-@pytest.mark.parametrize("optimizer", [
-    lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
-    lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
-    lambda p: torch.optim.AdamW(list(p)[:1], lr=0.02, weight_decay=0.1),  # the weight alone
-])
-def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_path, optimizer):
-    """Adam's own map is tracked, not linearised: with a quadratic loss the replay is exact through Adam too."""
+def _adam_quadratic_run(tmp_path, optimizer):
+    """SGD, then an Adam stage, on linear regression: removing the first stage changes the Adam stage's gradients
+    far beyond the recorded ones."""
     g = torch.Generator().manual_seed(0)
     X, Y = torch.randn(64, 6, generator=g), torch.randn(64, 2, generator=g)
     mse = lambda m, b: ((m(b[0]) - b[1]) ** 2).sum(1)  # noqa: E731
@@ -349,8 +345,18 @@ def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_pa
         sc.Stage("b", (X, Y), mse, optimizer, steps=16, batch_size=16, seed=2,
                  scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=16)),
     ]
-    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages).run(tmp_path / "q", progress=False)
-    behaviour = sc.PerExampleLoss((X[:20], Y[:20]), mse)
+    run = sc.Pipeline(lambda: torch.nn.Linear(6, 2), stages, checkpoint_every=4).run(tmp_path / "q", progress=False)
+    return run, sc.PerExampleLoss((X[:20], Y[:20]), mse)
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
+    lambda p: torch.optim.AdamW(list(p)[:1], lr=0.02, weight_decay=0.1),  # the weight alone
+])
+def test_exact_replay_through_adam_equals_retraining_on_a_quadratic_model(tmp_path, optimizer):
+    """Adam's own map is tracked, not linearised: with a quadratic loss the replay is exact through Adam too."""
+    run, behaviour = _adam_quadratic_run(tmp_path, optimizer)
     truth = sc.retrain_effects(run, behaviour, progress=False)
     est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C.exact("hessian"), progress=False)
     assert np.abs(truth.effects[0]).max() > 0.1
@@ -465,6 +471,63 @@ def test_adam_segments_use_the_largest_recorded_second_moment(tmp_path):
         v_hat = torch.stack([st[f"{name}/exp_avg_sq"].double() / (1 - 0.9 ** float(st[f"{name}/step"]))
                              for st in states])
         torch.testing.assert_close(precond, 1 / (v_hat.max(dim=0).values.sqrt() + hp["eps"]))
+
+
+@pytest.mark.parametrize("optimizer", [
+    lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1),
+    lambda p: torch.optim.Adam(p, lr=0.02, weight_decay=0.05),
+], ids=["adamw", "adam-coupled-decay"])
+def test_adam_segments_normalise_by_the_counterfactual_second_moment(tmp_path, optimizer):
+    """The replay, which tracks each tangent's Adam moments, is retraining here; segments that take the perturbed
+    run's second moment from each tangent get much closer to it than segments with the recorded one."""
+    run, behaviour = _adam_quadratic_run(tmp_path, optimizer)
+    truth = sc.retrain_effects(run, behaviour, progress=False).effects[0]
+
+    def error(**settings):
+        est = sc.attribute(run, behaviour, "aa-curvature", "model", curvature=C(curvature="hessian", **settings),
+                           progress=False).effects[0]
+        return np.abs(est - truth).max()
+
+    assert np.abs(truth).max() > 1.0
+    assert error(scheme="exact") < 5e-5
+    counterfactual, recorded = error(), error(counterfactual_adam=False)
+    assert counterfactual < 0.6 * recorded
+
+
+def test_for_a_small_perturbation_the_counterfactual_second_moment_is_the_recorded_one(tmp_path):
+    from stagecredit.estimators.curvature_propagation import propagate_with_curvature
+    from stagecredit.estimators.embedding import initial_perturbation
+
+    run, _ = _adam_quadratic_run(tmp_path, lambda p: torch.optim.AdamW(p, lr=0.02, weight_decay=0.1))
+    theta, state = initial_perturbation(run, 1)
+    out = {}
+    for size in (1.0, 1e-5):
+        entering = {1: [({n: size * v for n, v in theta.items()}, {n: size * v for n, v in state.items()})]}
+        for counterfactual in (True, False):
+            final = propagate_with_curvature(run, entering, C(counterfactual_adam=counterfactual), progress=False)
+            out[size, counterfactual] = torch.cat([v.reshape(-1).double() for v in final[1][0].values()]) / size
+
+    def gap(size):
+        return float((out[size, True] - out[size, False]).norm() / out[size, False].norm())
+
+    assert gap(1.0) > 0.05  # the whole stage's removal: Adam's normalisation matters
+    assert gap(1e-5) < 1e-6  # first order: the factor is 1 − O(δg²)
+
+
+def test_the_counterfactual_adam_factor_is_the_ratio_of_the_two_runs_normalisers():
+    from stagecredit.estimators.curvature_propagation import _counterfactual_adam_scale
+
+    g = torch.Generator().manual_seed(3)
+    flat = FlatParams(("w", "b"), (torch.Size([2, 3]), torch.Size([2])))
+    eps = 1e-3
+    v_hat = torch.rand(2, 3, generator=g, dtype=torch.float64)  # "b": Adam never stepped it
+    extra = torch.rand(4, 8, generator=g, dtype=torch.float64) * 3
+    moving = torch.tensor([True] * 5 + [False] + [True] * 2)
+    factor = _counterfactual_adam_scale(extra, moving, {"w": 1 / (v_hat.sqrt() + eps)}, eps, flat)
+    v = v_hat.reshape(-1)[:5]
+    torch.testing.assert_close(factor[:, :5] ** 2, (v.sqrt() + eps) / ((v + extra[:, :5]).sqrt() + eps))
+    assert bool((factor[:, 5:] == 1).all())  # not moving, or never stepped by Adam
+    assert bool((_counterfactual_adam_scale(0 * extra, moving, {"w": 1 / (v_hat.sqrt() + eps)}, eps, flat) == 1).all())
 
 
 def test_segment_bounds_start_at_or_centre_on_the_recorded_points():

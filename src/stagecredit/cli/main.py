@@ -47,9 +47,14 @@ SECANT = typer.Option(0.0, help="aa-curvature only: where along each tangent its
                       "it: 0 at the recorded parameters, 0.5 the midpoint (second-order accurate; helps early stages "
                       "with --mode model).")
 
+COUNTERFACTUAL_ADAM = typer.Option(True, "--counterfactual-adam/--recorded-adam", help="aa-curvature only: through "
+                                   "Adam stages, normalise each perturbed run's steps by its own second moment "
+                                   "(default) or by the recorded one.")
+
 
 def curvature_options(scheme: str, preset: str, curvature: Optional[str], segment_steps: Optional[int],
-                      krylov_dim: Optional[int], curvature_examples: Optional[str], secant: float):
+                      krylov_dim: Optional[int], curvature_examples: Optional[str], secant: float,
+                      counterfactual_adam: bool = True):
     """The ``sc.CurvatureOptions`` the aa-curvature flags describe."""
     import dataclasses
 
@@ -59,7 +64,7 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
                "thorough": sc.CurvatureOptions.thorough()}
     if preset not in presets:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    settings = {"scheme": scheme, "secant": secant}
+    settings = {"scheme": scheme, "secant": secant, "counterfactual_adam": counterfactual_adam}
     if curvature is not None:
         settings["curvature"] = curvature
     if segment_steps is not None:
@@ -79,7 +84,8 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
 # (name, type, typer option) of every flag curvature_options reads, in its argument order
 KNOB_FLAGS = (("scheme", str, SCHEME), ("preset", str, PRESET), ("curvature", Optional[str], CURVATURE),
               ("segment_steps", Optional[int], SEGMENT_STEPS), ("krylov_dim", Optional[int], KRYLOV_DIM),
-              ("curvature_examples", Optional[str], CURVATURE_EXAMPLES), ("secant", float, SECANT))
+              ("curvature_examples", Optional[str], CURVATURE_EXAMPLES), ("secant", float, SECANT),
+              ("counterfactual_adam", bool, COUNTERFACTUAL_ADAM))
 
 
 def with_curvature_knob(command):

@@ -29,8 +29,10 @@ segments for SGD ones):
 With segments of one step, one minibatch each and a full Krylov space, the
 segment scheme reduces to the exact replay for SGD (tested). Through Adam
 stages the exact replay tracks each tangent's counterfactual moments (Adam's map
-is not linearised, so a quadratic loss is replayed exactly); the segments
-freeze Adam's second moment along the perturbation.
+is not linearised, so a quadratic loss is replayed exactly); a segment takes
+each tangent's counterfactual second moment as ``v̂`` plus Adam's running
+average of ``(C̄ δθ)²`` over the stage's segments
+(``CurvatureOptions.counterfactual_adam``).
 """
 
 from __future__ import annotations
@@ -101,9 +103,9 @@ class CurvatureOptions:
     the checkpoints with 256 examples (the former default) 0.925 / 0.864 /
     0.963 and 0.669; ``adam-replay`` 0.971 / 0.910 / 0.982 and 0.745; the
     replay 0.989 / 0.935 / 0.982 and 0.851; ``aa`` 0.486 / 0.546 / 0.896 and
-    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.1325 s and
-    the replay 0.6768 s on 5-stage (retraining 0.3516 s); on a compute-bound
-    1.9M-parameter MLP 3.7718 s and 14.6949 s (retraining 2.6071 s).
+    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.1129 s and
+    the replay 0.5081 s on 5-stage (retraining 0.2559 s); on a compute-bound
+    1.9M-parameter MLP 5.6349 s and 13.6565 s (retraining 3.4333 s).
 
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
@@ -141,6 +143,24 @@ class CurvatureOptions:
     counterfactual gradient exactly, the segments scale the curvature by the
     steps' clip factors ``max_grad_norm / ‖g‖`` (``benchmarks/clipping.py``).
 
+    ``counterfactual_adam`` (both schemes): through Adam and AdamW stages,
+    normalise each perturbed run's steps by its own second moment, as Adam
+    does, instead of the recorded run's. Removing a stage changes the later
+    gradients by ``δg = C δθ``, on many coordinates far beyond the recorded
+    gradient, and Adam then takes steps of about the same size as before
+    where a frozen second moment lets them grow with ``δg``. The replay tracks
+    each tangent's moments step by step (``False``: the linearised map with
+    the recorded moment, which the replay also uses with ``amsgrad``); segments
+    scale each tangent's ``S`` by ``√((√v̂ + ε)/(√(v̂ + ⟨δg²⟩) + ε))``, where
+    ``⟨δg²⟩`` is Adam's own average (``β2``, bias-corrected) of ``δg²`` over
+    the stage's segments so far, ``δg`` from one more product per segment at
+    its start, so a large early change keeps the later steps normalised as
+    long as it does in Adam. For a small perturbation both are the recorded
+    preconditioner (the factor is ``1 − O(δg²)``). On a linear regression
+    with a later AdamW stage this halves the segments' error against
+    retraining (tested); on the MNIST demo it lifts the segments' pretrain
+    score to the Adam replay's (``docs/concepts.md``).
+
     ``secant`` (both schemes, through the stages after a perturbation; the
     replay of a stage without one of its sources keeps ``0``): where along each
     tangent its curvature is taken, as a fraction of ``δθ``. ``0`` (default) is the linearisation at the
@@ -151,9 +171,9 @@ class CurvatureOptions:
     forward graph and product call per tangent instead of one for all). Over
     five seeds in model mode the replay with ``secant=0.5`` reaches 0.903 on
     the 5-stage pipeline's s1 (0.490 without) and 0.909 on digits-adam's
-    pretrain (0.851), segments with it 0.653 and 0.797 (0.430 and 0.687); in
+    pretrain (0.851), segments with it 0.823 and 0.797 (0.427 and 0.687); in
     linear mode, which scores the far landing point by the slope at ``θ_T``,
-    the first stage loses (``docs/concepts.md``).
+    the replay's first stage loses (``docs/concepts.md``).
     """
 
     scheme: str = "segments"
@@ -163,6 +183,7 @@ class CurvatureOptions:
     curvature_examples: Optional[int] = 512
     centred: bool = True
     secant: float = 0.0
+    counterfactual_adam: bool = True
 
     def __post_init__(self) -> None:
         if self.scheme not in SCHEMES:
@@ -463,7 +484,7 @@ def _exact_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     dtype = d_theta[names[0]].dtype
     clip = clip_coefficients(run, j)
     choice = options.choice("replay")
-    counterfactual_adam = kind == ADAM and not any(
+    counterfactual_adam = options.counterfactual_adam and kind == ADAM and not any(
         g.get("amsgrad", False) for st in steps for g in st["groups"])
     if counterfactual_adam:
         # Adam's map is kept exact along each tangent (see adam_counterfactual_step): the recorded run's moments
@@ -773,6 +794,25 @@ def _segment_sample(run: Run, j: int, stage, options: CurvatureOptions):
     return drawn
 
 
+def _counterfactual_adam_scale(extra: torch.Tensor, moving: torch.Tensor, precond: dict[str, torch.Tensor], eps: float,
+                               flat: FlatParams) -> torch.Tensor:
+    """``[B, n]``: each tangent's factor on ``S``, ``√((√v̂ + ε) / (√(v̂ + extra) + ε))``.
+
+    ``extra [B, n]``: how much larger each perturbed run's bias-corrected
+    second moment is than the recorded ``v̂`` (the operator's own, the largest
+    the stage recorded); ``precond``: ``1/(√v̂ + ε)`` per parameter Adam has
+    stepped. Coordinates the segment does not move, or that Adam never
+    stepped, keep a factor of 1.
+    """
+    inverse = torch.cat([precond[n].reshape(-1).to(torch.float64) if n in precond
+                         else torch.zeros(torch.Size(shape).numel(), dtype=torch.float64)
+                         for n, shape in zip(flat.names, flat.shapes)])  # 1 / (√v̂ + ε); 0 where Adam never stepped
+    stepped = moving & (inverse > 0)
+    root = torch.where(stepped, 1 / inverse, eps) - eps  # √v̂
+    shrink = (root + eps) / ((root * root + extra).sqrt() + eps)
+    return torch.where(stepped, shrink.sqrt(), 1.0)
+
+
 def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
     pipeline = run.pipeline
     stage = pipeline.stages[j - 1]
@@ -804,6 +844,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         return preconditioners[key]
 
     loaded: tuple[Optional[int], Any] = (None, None)  # the last frozen point read (uncached, may serve several)
+    moment: Optional[torch.Tensor] = None  # counterfactual_adam: Adam's running average of each tangent's δg²
     choice = options.choice("segments")
     for a, b, at in _segment_bounds(run, j, options):
         S, Lam, reference, decay = _segment_scaling(run, j, kind, steps, a, b, preconditioner)
@@ -820,15 +861,35 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         # The Krylov basis is built in the model's precision (its products are in it anyway), but never below
         # float32, where re-orthogonalisation stops working: on large models the basis is most of the memory and its
         # passes much of the time. The tangents stay float64 between segments.
-        S_, Lam_ = S.to(work), (Lam.to(work) if bool(Lam.any()) else None)
+        Lam_ = Lam.to(work) if bool(Lam.any()) else None
         clipped, per_step = _segment_clipping(clip, reference, a, b, Lam_ is None)
+        if kind == ADAM and options.counterfactual_adam and bool(theta.any()):
+            # Adam divides each perturbed run's steps by that run's own second moment: the recorded v̂ plus Adam's
+            # average of δg² = (C̄ δθ)², which a removed stage makes far larger than the recorded gradient on many
+            # coordinates. δg is taken from each tangent at the segment's start and averaged over the stage's
+            # segments so far as Adam averages gradients (β2, bias-corrected), so a large early change keeps the
+            # later steps normalised as long as it does in Adam.
+            hp = steps[a]["groups"][0]
+            beta2 = hp["betas"][1]
+            dg = product(theta.to(dtype)).to(torch.float64) * clipped
+            if bool(Lam.any()):
+                dg = dg + Lam * theta
+            kept = beta2 ** (b - a)
+            moment = (1 - kept) * dg * dg + (kept * moment if moment is not None else 0.0)
+            extra = moment / (1 - beta2 ** steps[b - 1]["adam_step"])
+            S = S * _counterfactual_adam_scale(extra, moving, preconditioner(hp), hp["eps"], flat)
+        # one S for every row, or each tangent's own for each block of its rows below (at most three blocks)
+        S_ = S.to(work) if S.ndim == 1 else torch.cat([S] * 3).to(work)
+
+        def scaling(rows: int) -> torch.Tensor:
+            return S_ if S_.ndim == 1 else S_[:rows]
 
         def operator(x: torch.Tensor) -> torch.Tensor:
-            sx = S_ * x
+            sx = scaling(x.shape[0]) * x
             cx = product(sx.to(dtype)).to(work)
             if clipped != 1.0:
                 cx = clipped * cx
-            return S_ * (cx if Lam_ is None else cx + Lam_ * sx)
+            return scaling(x.shape[0]) * (cx if Lam_ is None else cx + Lam_ * sx)
 
         first = stage_fresh and a == 0
         # The segment moves u = δθ/S and w = S δs on the coordinates it moves (the scaled steps are polynomials in
@@ -841,7 +902,7 @@ def _segments_stage(run, j, kind, d_theta, d_state, probe, options, advance):
         if not first and bool((buf != 0).any()):
             blocks.append(((buf * S).to(work), 1))
         if still is not None and bool((still != 0).any()):
-            blocks.append((S_ * clipped * product(still.to(dtype)).to(work), 2))
+            blocks.append((scaling(B) * clipped * product(still.to(dtype)).to(work), 2))
 
         def from_rows(ritz: torch.Tensor):
             # the map's columns in one walk over the segment's steps: from (δθ, δs) = (1, 0), from (0, 1), and the
