@@ -134,10 +134,6 @@ class RunWriter:
         return entry
 
     def finish(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
-        self._write_manifest(pipeline, stages, model_fn_name)
-        (self.path / PROGRESS_FILE).unlink(missing_ok=True)
-
-    def _write_manifest(self, pipeline, stages: list[dict[str, Any]], model_fn_name: Optional[str]) -> None:
         atomic_write_json(
             self.path / "run.json",
             {
@@ -150,6 +146,7 @@ class RunWriter:
                 "stages": stages,
             },
         )
+        (self.path / PROGRESS_FILE).unlink(missing_ok=True)  # the run is complete: nothing left to resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,7 +188,11 @@ class Run:
         if not manifest_path.is_file():
             progress_path = path / PROGRESS_FILE
             if progress_path.is_file():
-                done = json.loads(progress_path.read_text())
+                try:
+                    done = json.loads(progress_path.read_text())
+                except json.JSONDecodeError as exc:
+                    raise RunFileError(f"the recording at {path} was interrupted and its {PROGRESS_FILE} is damaged "
+                                       f"({exc}); record it again") from exc
                 raise RunFileError(
                     f"the recording at {path} was interrupted after {len(done['stages'])} of its "
                     f"{len(done['planned'])} stages {done['planned']}; finish it with pipe.run(path, resume=True) "
