@@ -217,14 +217,13 @@ def record_pipeline(pipeline: Pipeline, path, *, progress: bool = True, overwrit
     if done is None:
         writer.write_checkpoint(0, "init", model.state_dict())
     else:
-        stage_entries = _resume_point(Run(Path(path), {"init": done["init"], "stages": done["stages"]}), pipeline,
-                                      model)
+        partial = Run(Path(path), {"init": done["init"], "stages": done["stages"]})
+        stage_entries = _resume_point(partial, pipeline, model)
         writer.init_entry = done["init"]
         if stage_entries:
-            last = Run(Path(path), {"init": done["init"], "stages": stage_entries})
-            model.load_state_dict(last.checkpoint(len(stage_entries)))
+            model.load_state_dict(partial.checkpoint(len(stage_entries)))
             if not stage_entries[-1].get("external", False):  # a pretrained stage hands on no optimizer state
-                state, state_class = last.optimizer_state(len(stage_entries)), stage_entries[-1]["optimizer_class"]
+                state, state_class = partial.optimizer_state(len(stage_entries)), stage_entries[-1]["optimizer_class"]
     finished = len(stage_entries)
     total = sum(s.steps for s in pipeline.stages[finished:])
     every = pipeline.checkpoint_every
