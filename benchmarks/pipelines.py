@@ -36,16 +36,24 @@ def mnist_demo(scale: float = 1.0):
     return mnist.build_pipeline(data, scale), sc.PerExampleLoss(data.test, mnist.cross_entropy, name="MNIST test loss (nats)")
 
 
-def digits_adam_l2_then_sgd():
-    """2 stages: Adam with coupled L2 (per-parameter preconditioner matters) → SGD Nesterov, cosine."""
+def _scaled(steps: int, scale: float) -> int:
+    return max(10, round(steps * scale))
+
+
+def digits_adam_l2_then_sgd(scale: float = 1.0):
+    """2 stages: Adam with coupled L2 (per-parameter preconditioner matters) → SGD Nesterov, cosine.
+
+    ``scale`` multiplies every stage's steps and its schedule's length (``benchmarks/segment_length.py``).
+    """
     X, y = _digits()
+    n = lambda steps: _scaled(steps, scale)  # noqa: E731
     pipe = sc.Pipeline(digits_model, [
         sc.Stage("pretrain", (X[:800], y[:800]), ce, lambda p: torch.optim.Adam(p, lr=3e-3, weight_decay=1e-2),
-                 steps=300, batch_size=32, seed=11),
+                 steps=n(300), batch_size=32, seed=11),
         sc.Stage("finetune", (X[800:1200], y[800:1200]), ce,
                  lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=200),
-                 steps=200, batch_size=32, seed=12),
+                 scheduler=lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=n(200)),
+                 steps=n(200), batch_size=32, seed=12),
     ])
     return pipe, sc.PerExampleLoss((X[1200:1597], y[1200:1597]), ce, name="digits test loss (nats)")
 
@@ -64,23 +72,27 @@ def _grouped_sgd(lr, **kw):
     return make
 
 
-def digits_five_stages():
-    """5 stages, two param groups, carried momentum: SGD → AdamW → SGD(carry) → SGD(carry) → AdamW."""
+def digits_five_stages(scale: float = 1.0):
+    """5 stages, two param groups, carried momentum: SGD → AdamW → SGD(carry) → SGD(carry) → AdamW.
+
+    ``scale`` multiplies every stage's steps and its schedule's length (``benchmarks/segment_length.py``).
+    """
     X, y = _digits()
+    n = lambda steps: _scaled(steps, scale)  # noqa: E731
     parts = [slice(0, 400), slice(400, 700), slice(700, 900), slice(900, 1100), slice(1100, 1300)]
     return sc.Pipeline(digits_model, [
         sc.Stage("s1-sgd", (X[parts[0]], y[parts[0]]), ce, _grouped_sgd(0.2, momentum=0.9, weight_decay=5e-4),
-                 steps=150, batch_size=32, seed=21),
+                 steps=n(150), batch_size=32, seed=21),
         sc.Stage("s2-adamw", (X[parts[1]], y[parts[1]]), ce, lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.05),
-                 scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=40, gamma=0.5),
-                 steps=120, batch_size=32, seed=22),
+                 scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=n(40), gamma=0.5),
+                 steps=n(120), batch_size=32, seed=22),
         sc.Stage("s3-sgd", (X[parts[2]], y[parts[2]]), ce, _grouped_sgd(0.1, momentum=0.9, weight_decay=1e-3),
-                 steps=80, batch_size=32, seed=23),
+                 steps=n(80), batch_size=32, seed=23),
         sc.Stage("s4-sgd-carry", (X[parts[3]], y[parts[3]]), ce, _grouped_sgd(0.05, momentum=0.9, weight_decay=1e-3),
-                 steps=80, batch_size=32, seed=24, carry_optimizer_state=True,
-                 scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, total_iters=80)),
+                 steps=n(80), batch_size=32, seed=24, carry_optimizer_state=True,
+                 scheduler=lambda o: torch.optim.lr_scheduler.LinearLR(o, 1.0, 0.1, total_iters=n(80))),
         sc.Stage("s5-adamw", (X[parts[4]], y[parts[4]]), ce, lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.1),
-                 steps=60, batch_size=32, seed=25),
+                 steps=n(60), batch_size=32, seed=25),
     ]), sc.PerExampleLoss((X[1300:1797], y[1300:1797]), ce, name="digits test loss (nats)")
 
 

@@ -546,6 +546,16 @@ def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
     assert _segment_bounds(short, 2, C(centred=True)) == [(0, 25, 0), (25, 75, 50), (75, 80, 80)]
     assert _segment_bounds(bare, 2, C(centred=True)) == [(0, 15, 0), (15, 30, 30)]
     assert _segment_bounds(long, 2, C(centred=True, segment_steps=100)) == [(0, 50, 0), (50, 150, 100)]
+    # a stage with more recorded intervals than max_segments: segments span whole multiples of the interval, each
+    # still frozen at the recorded checkpoint in its middle; an explicit segment_steps is taken as it is
+    dense = run_with(1000, list(range(50, 1000, 50)))
+    assert _segment_bounds(dense, 2, C(centred=False, max_segments=None)) == [(a, a + 50, a) for a in range(0, 1000, 50)]
+    assert _segment_bounds(dense, 2, C(centred=False, max_segments=10)) == [(a, a + 100, a) for a in range(0, 1000, 100)]
+    assert _segment_bounds(dense, 2, C(centred=True, max_segments=4)) == [(0, 125, 50), (125, 375, 250),
+                                                                          (375, 625, 500), (625, 875, 750),
+                                                                          (875, 1000, 950)]
+    assert len(_segment_bounds(dense, 2, C(max_segments=10))) == 11  # centred: the first and last are half segments
+    assert _segment_bounds(dense, 2, C(max_segments=1, segment_steps=50)) == _segment_bounds(dense, 2, C(max_segments=None))
 
 
 @pytest.mark.parametrize("name", sorted(SGD_ADAMW_SCHEDULES))
@@ -625,6 +635,34 @@ def test_segments_refuse_param_groups_that_differ_in_momentum(tmp_path, toy_beha
     with pytest.raises(UnsupportedOptimizerError, match="param groups differ in 'momentum'.*scheme='exact'"):
         sc.attribute(run, toy_behaviour, "aa-curvature", "linear", progress=False)
     sc.attribute(run, toy_behaviour, "aa-curvature", "linear", curvature=C.exact(), progress=False)
+
+
+class _RaiseEpsAt:
+    """A scheduler that changes Adam's eps (which segments freeze) after step ``at``."""
+
+    def __init__(self, optimizer, at: int) -> None:
+        self.optimizer, self.at, self.count = optimizer, at, 0
+
+    def step(self) -> None:
+        self.count += 1
+        if self.count == self.at:
+            for group in self.optimizer.param_groups:
+                group["eps"] = 1e-6
+
+
+def test_segments_refuse_a_frozen_hyperparameter_that_changes_within_a_segment(tmp_path, toy_behaviour):
+    from stagecredit.estimators.optimizers import UnsupportedOptimizerError
+
+    X, y = toy_data()
+    stages = [sc.Stage("s1", (X, y), ce_loss, lambda p: torch.optim.SGD(p, lr=0.1), steps=6, batch_size=16, seed=1),
+              sc.Stage("s2", (X, y), ce_loss, lambda p: torch.optim.Adam(p, lr=1e-2), steps=6, batch_size=16, seed=2,
+                       scheduler=lambda o: _RaiseEpsAt(o, 2))]
+    run = sc.Pipeline(make_mlp, stages).run(tmp_path / "r", progress=False)
+    with pytest.raises(UnsupportedOptimizerError, match="stage 's2': 'eps' changes within a segment.*scheme='exact'"):
+        sc.attribute(run, toy_behaviour, "aa-curvature", "linear", progress=False)
+    # segments that each hold one eps are fine
+    sc.attribute(run, toy_behaviour, "aa-curvature", "linear", curvature=C(segment_steps=2, centred=False),
+                 progress=False)
 
 
 def test_aa_curvature_needs_the_pipeline(toy_run, toy_behaviour):
@@ -709,7 +747,7 @@ def test_default_curvature_is_the_hessian_in_replays_and_the_ggn_elsewhere():
 
 
 def test_options_are_validated():
-    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"krylov_dim": 0},
+    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"max_segments": 0}, {"krylov_dim": 0},
                 {"curvature_examples": 0}, {"secant": -0.1}, {"secant": 1.5}):
         with pytest.raises(ValueError):
             C(**bad)
@@ -731,7 +769,8 @@ def test_validate_reports_aa_curvature_rows(toy_run, toy_behaviour):
     # the JSON says how aa-curvature was set up, so the numbers can be reproduced; aa has no settings
     assert report.to_dict()["settings"] == {"aa-curvature": {"curvature_options": options.to_dict()}}
     assert report.to_markdown().count("aa-curvature settings: scheme=segments, curvature=default, "
-                                      "segment_steps=the checkpoint interval, krylov_dim=4, curvature_examples=512") == 1
+                                      "segment_steps=the checkpoint interval, max_segments=16, krylov_dim=4, "
+                                      "curvature_examples=512") == 1
     rows = {(r["stage"], r["method"]): r for r in report.rows}
     assert rows[("adapt", "aa-curvature")]["pearson"] == pytest.approx(1.0)
     assert np.isfinite(rows[("pretrain", "aa-curvature")]["pearson"])

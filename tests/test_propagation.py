@@ -22,6 +22,7 @@ from stagecredit.estimators.propagation import (
     StageTransition,
     adam_tangent_step,
     propagate_through_stage,
+    segment_maps,
     stage_transition,
 )
 from stagecredit.recording.optimizer_state import adam_step_count, group_hyperparameters
@@ -376,3 +377,42 @@ def test_composed_transitions_equal_step_by_step_propagation(kind, cfg_sgd, cfg_
         got = candidate.apply(d_theta, d_state)
         torch.testing.assert_close(got[0], expected[0], rtol=1e-10, atol=1e-12)
         torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+
+
+@SETTINGS
+@given(
+    kind=st.sampled_from([SGD, ADAM, "adamw"]),
+    cfg_sgd=sgd_settings,
+    cfg_adam=adam_settings,
+    lrs=st.lists(st.floats(0.0, 0.5), min_size=1, max_size=13),
+    fresh=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_segment_maps_equal_stepping_with_curvature(kind, cfg_sgd, cfg_adam, lrs, fresh, seed):
+    """The segments' composed 3×3 maps (pairwise products over steps) equal stepping every step in turn with
+    ``δg = λ δθ + c_s (r δθ + f)``, for each eigenvalue r, each clip factor c_s and each column (δθ, δs, forcing)."""
+    if kind == SGD:
+        make, scale = _sgd_factory(cfg_sgd), 1.0
+    else:
+        c = cfg_adam
+        optimizer = torch.optim.Adam if kind == ADAM else torch.optim.AdamW
+
+        def make(params):
+            return optimizer(params, lr=0.1, betas=(c["beta1"], c["beta2"]), weight_decay=c["weight_decay"])
+
+        scale = 0.2
+    _, records, _, _ = train_linear(make, torch.zeros(N, dtype=F64), _vectors(seed, len(lrs)),
+                                    [lr * scale for lr in lrs])
+    g = torch.Generator().manual_seed(seed)
+    ritz = torch.rand(4, 2, generator=g, dtype=F64) * 3
+    clip = (0.5 + torch.rand(len(lrs), generator=g, dtype=F64)).tolist()
+    step_kind = SGD if kind == SGD else ADAM
+    maps = segment_maps(ritz, records, 0, step_kind, fresh=fresh, curvature_scale=clip)
+    assert maps.shape == (4, 2, 3, 3)
+    one, zero = torch.ones_like(ritz), torch.zeros_like(ritz)
+    for column, (theta, state, forcing) in enumerate([(one, zero, zero), (zero, one, zero), (zero, zero, one)]):
+        expected = propagate_through_stage(theta, state, records, 0, step_kind, fresh=fresh,
+                                           hvp_at=lambda i, f=forcing: (lambda x: clip[i] * (ritz * x + f)))
+        torch.testing.assert_close(maps[..., 0, column], expected[0], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(maps[..., 1, column], expected[1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(maps[..., 2, column], forcing)

@@ -39,7 +39,10 @@ PRESET = typer.Option("default", help="aa-curvature only: the segments' settings
 CURVATURE = typer.Option(None, help="aa-curvature only: ggn | hessian (default: the Hessian in the replay, the "
                          "Gauss–Newton in segments).")
 SEGMENT_STEPS = typer.Option(None, min=1, help="aa-curvature segments only: steps per segment (default: the run's "
-                             "checkpoint interval). Longer is cheaper and coarser.")
+                             "checkpoint interval, or a multiple of it that keeps to --max-segments). Longer is "
+                             "cheaper and coarser.")
+MAX_SEGMENTS = typer.Option(None, min=0, help="aa-curvature segments only: with --segment-steps unset, at most about "
+                            "this many segments per stage (default 16); 0: no limit, one per checkpoint interval.")
 KRYLOV_DIM = typer.Option(None, min=1, help="aa-curvature segments only: Lanczos vectors per segment and tangent.")
 CURVATURE_EXAMPLES = typer.Option(None, help="aa-curvature segments only: about how many training examples each "
                                   "segment's curvature averages over, or 'all' (its every recorded minibatch).")
@@ -54,7 +57,7 @@ COUNTERFACTUAL_ADAM = typer.Option(True, "--counterfactual-adam/--recorded-adam"
 
 def curvature_options(scheme: str, preset: str, curvature: Optional[str], segment_steps: Optional[int],
                       krylov_dim: Optional[int], curvature_examples: Optional[str], secant: float,
-                      counterfactual_adam: bool = True):
+                      counterfactual_adam: bool = True, max_segments: Optional[int] = None):
     """The ``sc.CurvatureOptions`` the aa-curvature flags describe."""
     import dataclasses
 
@@ -69,6 +72,8 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
         settings["curvature"] = curvature
     if segment_steps is not None:
         settings["segment_steps"] = segment_steps
+    if max_segments is not None:
+        settings["max_segments"] = max_segments or None
     if krylov_dim is not None:
         settings["krylov_dim"] = krylov_dim
     if curvature_examples is not None:
@@ -85,7 +90,7 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
 KNOB_FLAGS = (("scheme", str, SCHEME), ("preset", str, PRESET), ("curvature", Optional[str], CURVATURE),
               ("segment_steps", Optional[int], SEGMENT_STEPS), ("krylov_dim", Optional[int], KRYLOV_DIM),
               ("curvature_examples", Optional[str], CURVATURE_EXAMPLES), ("secant", float, SECANT),
-              ("counterfactual_adam", bool, COUNTERFACTUAL_ADAM))
+              ("counterfactual_adam", bool, COUNTERFACTUAL_ADAM), ("max_segments", Optional[int], MAX_SEGMENTS))
 
 
 def with_curvature_knob(command):

@@ -182,6 +182,74 @@ def propagate_through_stage(
     return dtheta, dstate
 
 
+def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *, fresh: bool) -> torch.Tensor:
+    """``[S, 6]``: each step's linear map on ``(δθ, δs)`` given its change of gradient ``δg``, as six scalars.
+
+    Every step of :func:`sgd_tangent_step` / :func:`adam_tangent_step` (``precond``
+    = 1) has the form ``δs' = p δs + q δg``, ``δθ' = d δθ − a δg − b δs`` with
+    ``δg = λ δθ + (curvature term)``; columns ``(λ, d, p, q, a, b)``.
+    """
+    rows = []
+    for i, record in enumerate(steps):
+        hp = record["groups"][group]
+        lr, lam = hp["lr"], hp.get("weight_decay", 0.0)
+        if kind == SGD:
+            mu, damp = hp.get("momentum", 0.0), hp.get("dampening", 0.0)
+            if mu == 0:
+                p, q, u, v = 1.0, 0.0, 0.0, 1.0  # the buffer is untouched; the step follows δg
+            else:
+                p, q = (0.0, 1.0) if fresh and i == 0 else (mu, 1 - damp)
+                u, v = (mu, 1.0) if hp.get("nesterov", False) else (1.0, 0.0)
+            d = 1.0
+        else:
+            beta1 = hp["betas"][0]
+            p, q, u, v = beta1, 1 - beta1, 1 / (1 - beta1 ** record["adam_step"]), 0.0
+            decoupled = hp.get("decoupled_weight_decay", False)
+            d, lam = (1 - lr * lam, 0.0) if decoupled else (1.0, lam)
+        # δθ' = d δθ − lr (u δs' + v δg) = d δθ − lr (u q + v) δg − lr u p δs
+        rows.append((lam, d, p, q, lr * (u * q + v), lr * u * p))
+    return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
+
+
+def segment_maps(ritz: torch.Tensor, steps: Sequence[dict[str, Any]], group: int, kind: str, *, fresh: bool,
+                 curvature_scale: Sequence[float]) -> torch.Tensor:
+    """``[*ritz.shape, 3, 3]``: the map of every step in ``steps`` composed, one per eigenvalue ``r`` in ``ritz``.
+
+    Each step's change of gradient is ``δg = λ δθ + c_s (r δθ + f)``, with
+    ``c_s = curvature_scale[s]`` and ``f`` a constant forcing; on the state
+    ``(δθ, δs, f)`` a step is an affine 3×3 map, and the segment is their
+    product. Column 0 is the map's response to ``(1, 0)``, column 1 to
+    ``(0, 1)``, column 2 to a unit forcing from ``(0, 0)``; rows are ``δθ``,
+    ``δs`` and ``f``. The same as stepping :func:`propagate_through_stage` with
+    ``hvp_at(s) = c_s (r x + f)``, but the steps are multiplied pairwise in
+    ``log₂ S`` batched rounds instead of one small update per step in Python.
+    ``fresh``: the stage started with a new optimizer, so the incoming ``δs`` is dropped.
+    """
+    coefficients = _step_coefficients(steps, group, kind, fresh=fresh)
+    lam, d, p, q, a, b = (c.reshape(-1, *([1] * ritz.ndim)) for c in coefficients.unbind(1))
+    c = torch.tensor(list(curvature_scale), dtype=torch.float64).reshape(lam.shape)
+    r = ritz.to(torch.float64).unsqueeze(0)
+    alpha = lam + c * r  # δg per unit δθ
+    shape = alpha.shape
+    zero, one = torch.zeros(shape, dtype=torch.float64), torch.ones(shape, dtype=torch.float64)
+    maps = torch.stack([
+        torch.stack([d - a * alpha, (-b).expand(shape), (-a * c).expand(shape)], -1),
+        torch.stack([q * alpha, p.expand(shape), (q * c).expand(shape)], -1),
+        torch.stack([zero, zero, one], -1),
+    ], -2)  # [S, *ritz, 3, 3]
+    while maps.shape[0] > 1:  # later @ earlier, pairwise; an odd one out waits for the next round
+        odd = maps[-1:] if maps.shape[0] % 2 else None
+        pairs = maps[: maps.shape[0] - maps.shape[0] % 2]
+        maps = pairs[1::2] @ pairs[0::2]
+        if odd is not None:
+            maps = torch.cat([maps, odd])
+    total = maps[0] if len(maps) else torch.eye(3, dtype=torch.float64).expand(*ritz.shape, 3, 3)
+    if fresh:
+        total = total.clone()
+        total[..., 1] = 0.0
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class StageTransition:
     """The linear map of one stage on ``(δθ, δs)``, with ``H = 0``::

@@ -73,7 +73,8 @@ def epsilon_removal(ceilings) -> str:
             "first-order estimators approximate")
 
 
-_NONE_MEANS = {"curvature": "default", "segment_steps": "the checkpoint interval", "curvature_examples": "all"}
+_NONE_MEANS = {"curvature": "default", "segment_steps": "the checkpoint interval", "max_segments": "no limit",
+               "curvature_examples": "all"}
 
 
 def settings_note(settings: dict) -> str:
