@@ -69,12 +69,12 @@ VARIANTS = {
     "thorough (centred, k8, every example)": C.thorough(),
     "segments: 25 steps": C(segment_steps=25),
     "segments: 100 steps": C(segment_steps=100),
-    DENSE_LABEL: C(),
+    DENSE_LABEL: C(max_segments=None),  # one segment per 10-step interval, however many
     "replay, Hessian, secant 0.5 (curvature at θ + δθ/2)": C(scheme="exact", secant=0.5),
     "replay, Hessian, secant 0.25": C(scheme="exact", secant=0.25),
     "segments: secant 0.5": C(secant=0.5),
     "segments: Hessian, secant 0.5": C(curvature="hessian", secant=0.5),
-    DENSE_SECANT_LABEL: C(curvature="hessian", secant=0.5),
+    DENSE_SECANT_LABEL: C(curvature="hessian", secant=0.5, max_segments=None),
     UNINDEXED_LABEL: C(),
 }
 DENSE_EVERY = 10

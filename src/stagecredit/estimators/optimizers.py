@@ -43,10 +43,14 @@ def check_step_settings(record: StageRecord, steps: list[dict], method: str) -> 
 def stage_steps(run: Run, k: int) -> list[dict]:
     """Recorded steps of stage k, with AdamW's decay marked decoupled whatever the torch version recorded."""
     steps = run.steps(k)
-    if run.stage_records[k - 1].optimizer_class != "torch.optim.adamw.AdamW":
-        return steps
-    # AdamW's param groups gained the 'decoupled_weight_decay' key only in recent torch releases.
-    return [{**s, "groups": [{**g, "decoupled_weight_decay": True} for g in s["groups"]]} for s in steps]
+    if run.stage_records[k - 1].optimizer_class == "torch.optim.adamw.AdamW":
+        # AdamW's param groups gained the 'decoupled_weight_decay' key only in recent torch releases. Marked in the
+        # run's cached step log itself (a fact about the run), not in a copy of every step: a long stage's log
+        # holds tens of thousands of them.
+        for step in steps:
+            for group in step["groups"]:
+                group["decoupled_weight_decay"] = True
+    return steps
 
 
 def clip_coefficients(run: Run, k: int) -> Optional[list[float]]:

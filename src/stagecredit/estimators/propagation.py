@@ -182,12 +182,14 @@ def propagate_through_stage(
     return dtheta, dstate
 
 
-def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *, fresh: bool) -> torch.Tensor:
+def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *, fresh: bool,
+                       precond: float = 1.0) -> torch.Tensor:
     """``[S, 6]``: each step's linear map on ``(δθ, δs)`` given its change of gradient ``δg``, as six scalars.
 
-    Every step of :func:`sgd_tangent_step` / :func:`adam_tangent_step` (``precond``
-    = 1) has the form ``δs' = p δs + q δg``, ``δθ' = d δθ − a δg − b δs`` with
-    ``δg = λ δθ + (curvature term)``; columns ``(λ, d, p, q, a, b)``.
+    Every step of :func:`sgd_tangent_step` / :func:`adam_tangent_step` (with a
+    scalar ``precond``) has the form ``δs' = p δs + q δg``,
+    ``δθ' = d δθ − a δg − b δs`` with ``δg = λ δθ + (curvature term)``;
+    columns ``(λ, d, p, q, a, b)``.
     """
     rows = []
     for i, record in enumerate(steps):
@@ -203,7 +205,7 @@ def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *
             d = 1.0
         else:
             beta1 = hp["betas"][0]
-            p, q, u, v = beta1, 1 - beta1, 1 / (1 - beta1 ** record["adam_step"]), 0.0
+            p, q, u, v = beta1, 1 - beta1, precond / (1 - beta1 ** record["adam_step"]), 0.0
             decoupled = hp.get("decoupled_weight_decay", False)
             d, lam = (1 - lr * lam, 0.0) if decoupled else (1.0, lam)
         # δθ' = d δθ − lr (u δs' + v δg) = d δθ − lr (u q + v) δg − lr u p δs
@@ -211,8 +213,19 @@ def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *
     return torch.tensor(rows, dtype=torch.float64).reshape(-1, 6)
 
 
+def _compose(maps: torch.Tensor) -> torch.Tensor:
+    """``maps[S−1] @ … @ maps[0]`` for ``maps [S, …, k, k]`` (S ≥ 1), multiplied pairwise in ``⌈log₂ S⌉`` rounds."""
+    while maps.shape[0] > 1:  # later @ earlier, pairwise; an odd one out waits for the next round
+        odd = maps[-1:] if maps.shape[0] % 2 else None
+        pairs = maps[: maps.shape[0] - maps.shape[0] % 2]
+        maps = pairs[1::2] @ pairs[0::2]
+        if odd is not None:
+            maps = torch.cat([maps, odd])
+    return maps[0]
+
+
 def segment_maps(ritz: torch.Tensor, steps: Sequence[dict[str, Any]], group: int, kind: str, *, fresh: bool,
-                 curvature_scale: Sequence[float]) -> torch.Tensor:
+                 curvature_scale: Sequence[float], precond: float = 1.0) -> torch.Tensor:
     """``[*ritz.shape, 3, 3]``: the map of every step in ``steps`` composed, one per eigenvalue ``r`` in ``ritz``.
 
     Each step's change of gradient is ``δg = λ δθ + c_s (r δθ + f)``, with
@@ -224,8 +237,9 @@ def segment_maps(ritz: torch.Tensor, steps: Sequence[dict[str, Any]], group: int
     ``hvp_at(s) = c_s (r x + f)``, but the steps are multiplied pairwise in
     ``log₂ S`` batched rounds instead of one small update per step in Python.
     ``fresh``: the stage started with a new optimizer, so the incoming ``δs`` is dropped.
+    ``precond``: Adam's preconditioner, one scalar for every coordinate.
     """
-    coefficients = _step_coefficients(steps, group, kind, fresh=fresh)
+    coefficients = _step_coefficients(steps, group, kind, fresh=fresh, precond=precond)
     lam, d, p, q, a, b = (c.reshape(-1, *([1] * ritz.ndim)) for c in coefficients.unbind(1))
     c = torch.tensor(list(curvature_scale), dtype=torch.float64).reshape(lam.shape)
     r = ritz.to(torch.float64).unsqueeze(0)
@@ -237,13 +251,7 @@ def segment_maps(ritz: torch.Tensor, steps: Sequence[dict[str, Any]], group: int
         torch.stack([q * alpha, p.expand(shape), (q * c).expand(shape)], -1),
         torch.stack([zero, zero, one], -1),
     ], -2)  # [S, *ritz, 3, 3]
-    while maps.shape[0] > 1:  # later @ earlier, pairwise; an odd one out waits for the next round
-        odd = maps[-1:] if maps.shape[0] % 2 else None
-        pairs = maps[: maps.shape[0] - maps.shape[0] % 2]
-        maps = pairs[1::2] @ pairs[0::2]
-        if odd is not None:
-            maps = torch.cat([maps, odd])
-    total = maps[0] if len(maps) else torch.eye(3, dtype=torch.float64).expand(*ritz.shape, 3, 3)
+    total = _compose(maps) if len(maps) else torch.eye(3, dtype=torch.float64).expand(*ritz.shape, 3, 3)
     if fresh:
         total = total.clone()
         total[..., 1] = 0.0
@@ -298,15 +306,19 @@ def stage_transition(
 ) -> StageTransition:
     """Compose a stage's ``H = 0`` steps into one :class:`StageTransition`.
 
-    Propagates the two basis tangents ``(1, 0)`` and ``(0, 1)``: as Python
-    floats (double precision, no tensor overhead per step) when the
-    coefficients are scalars, as per-parameter diagonals when ``precond`` is a tensor.
+    With scalar coefficients, the steps' 2×2 maps are multiplied pairwise
+    (float64); with a per-parameter ``precond`` tensor, the two basis tangents
+    ``(1, 0)`` and ``(0, 1)`` are propagated step by step as diagonals.
     """
     if isinstance(precond, torch.Tensor):
         p = precond.to(torch.float64)
         one, zero = torch.ones_like(p), torch.zeros_like(p)
-    else:
-        p, one, zero = float(precond), 1.0, 0.0
-    tt, st = propagate_through_stage(one, zero, steps, group, kind, fresh=fresh, precond=p)
-    ts, ss = propagate_through_stage(zero, one, steps, group, kind, fresh=fresh, precond=p)
+        tt, st = propagate_through_stage(one, zero, steps, group, kind, fresh=fresh, precond=p)
+        ts, ss = propagate_through_stage(zero, one, steps, group, kind, fresh=fresh, precond=p)
+        return StageTransition(tt=tt, ts=ts, st=st, ss=ss)
+    # scalars: segment_maps without curvature, the steps multiplied pairwise in batched rounds rather than one
+    # Python update per step (a stage of 10⁴ steps costs milliseconds)
+    total = segment_maps(torch.zeros(()), steps, group, kind, fresh=fresh, curvature_scale=[0.0] * len(steps),
+                         precond=float(precond))
+    (tt, ts, _), (st, ss, _), _ = total.tolist()
     return StageTransition(tt=tt, ts=ts, st=st, ss=ss)
