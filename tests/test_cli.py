@@ -60,14 +60,17 @@ def test_record_attribute_validate_report(tmp_path):
     # the fidelity/cost knob: a preset with single settings overridden, written beside the numbers it made
     result = invoke("attribute", run, "--eval", "conftest:toy_eval", "--method", "aa-curvature", "--preset", "fast",
                     "--krylov-dim", "4", "--curvature-examples", "all", "--curvature", "hessian", "--segment-steps", 3,
-                    "--recorded-adam", "--max-segments", 0, "--pipeline", "conftest:three_stage_pipeline", "--out", tmp_path / "knob")
+                    "--recorded-adam", "--max-segments", 0, "--max-tangents", 1, "--pipeline",
+                    "conftest:three_stage_pipeline", "--out", tmp_path / "knob")
     assert result.exit_code == 0, result.output
     options = sc.CurvatureOptions(centred=False, krylov_dim=4, curvature_examples=None, curvature="hessian",
-                                  segment_steps=3, counterfactual_adam=False, max_segments=None)
+                                  segment_steps=3, counterfactual_adam=False, max_segments=None,
+                                  max_tangents=1)
     saved = json.loads((tmp_path / "knob" / "attribution.json").read_text())
     assert saved["settings"] == {"curvature_options": options.to_dict()}
     assert ("aa-curvature settings: scheme=segments, curvature=hessian, segment_steps=3, max_segments=no limit, "
-            "krylov_dim=4, curvature_examples=all, centred=False, secant=0.0, counterfactual_adam=False.") in (tmp_path / "knob" / "summary.md").read_text()
+            "krylov_dim=4, curvature_examples=all, centred=False, secant=0.0, counterfactual_adam=False, "
+            "max_tangents=1.") in (tmp_path / "knob" / "summary.md").read_text()
     expected = sc.attribute(sc.Run.load(run, pipeline=three_stage_pipeline()), toy_eval(), "aa-curvature", "linear",
                             curvature=options, progress=False)
     np.testing.assert_allclose(saved["effects"], expected.effects, rtol=1e-6, atol=1e-7)

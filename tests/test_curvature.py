@@ -558,6 +558,19 @@ def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
     assert _segment_bounds(dense, 2, C(max_segments=1, segment_steps=50)) == _segment_bounds(dense, 2, C(max_segments=None))
 
 
+@pytest.mark.parametrize("options", [C(), C(secant=0.5), C.exact()], ids=["segments", "secant", "exact"])
+def test_fewer_tangents_per_pass_give_the_same_estimates(toy_run, toy_behaviour, options):
+    """max_tangents splits the perturbations into passes over the later stages; each travels alone, so the
+    estimates are the single pass's (to float32 rounding of batched kernels)."""
+    import dataclasses
+
+    together = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear", curvature=options, progress=False)
+    alone = sc.attribute(toy_run, toy_behaviour, "aa-curvature", "linear",
+                         curvature=dataclasses.replace(options, max_tangents=1), progress=False)
+    np.testing.assert_allclose(alone.effects, together.effects, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(together.effects[0], 0)
+
+
 @pytest.mark.parametrize("name", sorted(SGD_ADAMW_SCHEDULES))
 @pytest.mark.parametrize("scheme", ["exact", "segments", "segments-start"])
 @pytest.mark.filterwarnings("ignore::stagecredit.GGNFallbackWarning")  # 0·output is linear in it: no GGN

@@ -106,6 +106,19 @@ def test_source_effects_track_retraining_on_a_nonlinear_adamw_pipeline(tmp_path)
     assert min(rows[(s, "aa-curvature")]["pearson"] for s in ("first/web", "first/curated")) > 0.75
 
 
+def test_source_perturbations_one_per_pass_give_the_same_estimates(tmp_path):
+    pipe = sourced_pipeline(loss=per_example_ce,
+                            model_fn=lambda: torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(),
+                                                                 torch.nn.Linear(16, 3)))
+    run = pipe.run(tmp_path / "run", progress=False)
+    behaviour = sc.PerExampleLoss(toy_data(60, seed=7), per_example_ce)
+    together = sc.attribute_sources(run, behaviour, "aa-curvature", "linear", progress=False)
+    alone = sc.attribute_sources(run, behaviour, "aa-curvature", "linear",
+                                 curvature=sc.CurvatureOptions(max_tangents=1), progress=False)
+    np.testing.assert_allclose(alone.effects, together.effects, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(together.effects[0], 0)
+
+
 def test_source_errors(tmp_path):
     X, y = toy_data()
     with pytest.raises(ValueError, match="without '/'"):

@@ -41,6 +41,9 @@ CURVATURE = typer.Option(None, help="aa-curvature only: ggn | hessian (default: 
 SEGMENT_STEPS = typer.Option(None, min=1, help="aa-curvature segments only: steps per segment (default: the run's "
                              "checkpoint interval, or a multiple of it that keeps to --max-segments). Longer is "
                              "cheaper and coarser.")
+MAX_TANGENTS = typer.Option(None, min=1, help="aa-curvature only: at most this many stage (or source) perturbations "
+                            "per pass over the later stages (default: all in one); fewer take less memory and more "
+                            "time.")
 MAX_SEGMENTS = typer.Option(None, min=0, help="aa-curvature segments only: with --segment-steps unset, at most about "
                             "this many segments per stage (default 16); 0: no limit, one per checkpoint interval.")
 KRYLOV_DIM = typer.Option(None, min=1, help="aa-curvature segments only: Lanczos vectors per segment and tangent.")
@@ -57,7 +60,8 @@ COUNTERFACTUAL_ADAM = typer.Option(True, "--counterfactual-adam/--recorded-adam"
 
 def curvature_options(scheme: str, preset: str, curvature: Optional[str], segment_steps: Optional[int],
                       krylov_dim: Optional[int], curvature_examples: Optional[str], secant: float,
-                      counterfactual_adam: bool = True, max_segments: Optional[int] = None):
+                      counterfactual_adam: bool = True, max_segments: Optional[int] = None,
+                      max_tangents: Optional[int] = None):
     """The ``sc.CurvatureOptions`` the aa-curvature flags describe."""
     import dataclasses
 
@@ -74,6 +78,8 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
         settings["segment_steps"] = segment_steps
     if max_segments is not None:
         settings["max_segments"] = max_segments or None
+    if max_tangents is not None:
+        settings["max_tangents"] = max_tangents
     if krylov_dim is not None:
         settings["krylov_dim"] = krylov_dim
     if curvature_examples is not None:
@@ -90,7 +96,8 @@ def curvature_options(scheme: str, preset: str, curvature: Optional[str], segmen
 KNOB_FLAGS = (("scheme", str, SCHEME), ("preset", str, PRESET), ("curvature", Optional[str], CURVATURE),
               ("segment_steps", Optional[int], SEGMENT_STEPS), ("krylov_dim", Optional[int], KRYLOV_DIM),
               ("curvature_examples", Optional[str], CURVATURE_EXAMPLES), ("secant", float, SECANT),
-              ("counterfactual_adam", bool, COUNTERFACTUAL_ADAM), ("max_segments", Optional[int], MAX_SEGMENTS))
+              ("counterfactual_adam", bool, COUNTERFACTUAL_ADAM), ("max_segments", Optional[int], MAX_SEGMENTS),
+              ("max_tangents", Optional[int], MAX_TANGENTS))
 
 
 def with_curvature_knob(command):

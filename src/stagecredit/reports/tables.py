@@ -74,7 +74,7 @@ def epsilon_removal(ceilings) -> str:
 
 
 _NONE_MEANS = {"curvature": "default", "segment_steps": "the checkpoint interval", "max_segments": "no limit",
-               "curvature_examples": "all"}
+               "curvature_examples": "all", "max_tangents": "all"}
 
 
 def settings_note(settings: dict) -> str:
