@@ -549,13 +549,16 @@ def test_segment_bounds_start_at_or_centre_on_the_recorded_points():
     # a stage with more recorded intervals than max_segments: segments span whole multiples of the interval, each
     # still frozen at the recorded checkpoint in its middle; an explicit segment_steps is taken as it is
     dense = run_with(1000, list(range(50, 1000, 50)))
-    assert _segment_bounds(dense, 2, C(centred=False, max_segments=None)) == [(a, a + 50, a) for a in range(0, 1000, 50)]
-    assert _segment_bounds(dense, 2, C(centred=False, max_segments=10)) == [(a, a + 100, a) for a in range(0, 1000, 100)]
+    every = [(a, a + 50, a) for a in range(0, 1000, 50)]
+    assert _segment_bounds(dense, 2, C(centred=False, max_segments=None)) == every
+    doubled = [(a, a + 100, a) for a in range(0, 1000, 100)]
+    assert _segment_bounds(dense, 2, C(centred=False, max_segments=10)) == doubled
     assert _segment_bounds(dense, 2, C(centred=True, max_segments=4)) == [(0, 125, 50), (125, 375, 250),
                                                                           (375, 625, 500), (625, 875, 750),
                                                                           (875, 1000, 950)]
     assert len(_segment_bounds(dense, 2, C(max_segments=10))) == 11  # centred: the first and last are half segments
-    assert _segment_bounds(dense, 2, C(max_segments=1, segment_steps=50)) == _segment_bounds(dense, 2, C(max_segments=None))
+    explicit = _segment_bounds(dense, 2, C(max_segments=1, segment_steps=50))
+    assert explicit == _segment_bounds(dense, 2, C(max_segments=None))
 
 
 @pytest.mark.parametrize("options", [C(), C(secant=0.5), C.exact()], ids=["segments", "secant", "exact"])
@@ -760,8 +763,8 @@ def test_default_curvature_is_the_hessian_in_replays_and_the_ggn_elsewhere():
 
 
 def test_options_are_validated():
-    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"max_segments": 0}, {"krylov_dim": 0},
-                {"curvature_examples": 0}, {"secant": -0.1}, {"secant": 1.5}):
+    for bad in ({"scheme": "magic"}, {"curvature": "fisher"}, {"segment_steps": 0}, {"max_segments": 0},
+                {"max_tangents": 0}, {"krylov_dim": 0}, {"curvature_examples": 0}, {"secant": -0.1}, {"secant": 1.5}):
         with pytest.raises(ValueError):
             C(**bad)
 

@@ -390,7 +390,7 @@ def test_composed_transitions_equal_step_by_step_propagation(kind, cfg_sgd, cfg_
 )
 def test_segment_maps_equal_stepping_with_curvature(kind, cfg_sgd, cfg_adam, lrs, fresh, seed):
     """The segments' composed 3×3 maps (pairwise products over steps) equal stepping every step in turn with
-    ``δg = λ δθ + c_s (r δθ + f)``, for each eigenvalue r, each clip factor c_s and each column (δθ, δs, forcing)."""
+    ``δg = λ δθ + c_s (r δθ + f)``, for each eigenvalue r, clip factor c_s and column (δθ, δs, forcing)."""
     if kind == SGD:
         make, scale = _sgd_factory(cfg_sgd), 1.0
     else:

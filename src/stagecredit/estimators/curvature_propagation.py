@@ -404,7 +404,7 @@ def propagate_with_curvature(run: Run, entering: dict[int, list[tuple[dict, dict
 
 def _one_pass(run: Run, perturbations: list[tuple[int, tuple[dict, dict]]], options: CurvatureOptions,
               advance) -> list[dict[str, torch.Tensor]]:
-    """``δθ`` at the end of training of each ``(k, (δθ, δs))`` entering after stage ``k < K``: one pass, batched."""
+    """``δθ`` at the end of training of each ``(k, (δθ, δs))`` entering after stage ``k < K``: one batched pass."""
     pipeline = run.pipeline
     K = run.num_stages
     names = run.parameter_names

@@ -214,7 +214,7 @@ def _step_coefficients(steps: Sequence[dict[str, Any]], group: int, kind: str, *
 
 
 def _compose(maps: torch.Tensor) -> torch.Tensor:
-    """``maps[S−1] @ … @ maps[0]`` for ``maps [S, …, k, k]`` (S ≥ 1), multiplied pairwise in ``⌈log₂ S⌉`` rounds."""
+    """``maps[S−1] @ … @ maps[0]`` for ``maps [S, …, k, k]`` (S ≥ 1), multiplied pairwise in ⌈log₂ S⌉ rounds."""
     while maps.shape[0] > 1:  # later @ earlier, pairwise; an odd one out waits for the next round
         odd = maps[-1:] if maps.shape[0] % 2 else None
         pairs = maps[: maps.shape[0] - maps.shape[0] % 2]
@@ -306,9 +306,10 @@ def stage_transition(
 ) -> StageTransition:
     """Compose a stage's ``H = 0`` steps into one :class:`StageTransition`.
 
-    With scalar coefficients, the steps' 2×2 maps are multiplied pairwise
-    (float64); with a per-parameter ``precond`` tensor, the two basis tangents
-    ``(1, 0)`` and ``(0, 1)`` are propagated step by step as diagonals.
+    With scalar coefficients, the steps' maps are multiplied pairwise in
+    float64 (:func:`segment_maps` without curvature); with a per-parameter
+    ``precond`` tensor, the two basis tangents ``(1, 0)`` and ``(0, 1)`` are
+    propagated step by step as diagonals.
     """
     if isinstance(precond, torch.Tensor):
         p = precond.to(torch.float64)
