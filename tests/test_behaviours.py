@@ -55,3 +55,26 @@ def test_collate_of_a_contiguous_range_equals_indexing():
         sliced = collate(data, range(4, 13))
         indexed = collate(data, torch.arange(4, 13))
         assert all(torch.equal(a, b) for a, b in zip(sliced, indexed))
+
+
+def test_evaluation_chunks_shrink_for_large_examples_and_give_the_same_values():
+    from stagecredit.behaviours.loss import evaluation_chunk
+
+    small = (torch.randn(3000, 784), torch.randint(0, 10, (3000,)))
+    assert evaluation_chunk(small) == 1024  # MNIST-sized examples: the chunk of before
+    large = (torch.randn(100, 64, 384), torch.ones(100, 64), torch.randint(0, 2, (100,)))
+    assert evaluation_chunk(large) == 2**20 // (64 * 384 + 64 + 1) == 42
+    assert evaluation_chunk((torch.randn(20, 512, 1024), torch.zeros(20))) == 16  # never below 16
+    assert sc.PerExampleLoss(large, lambda m, b: m(b[0]).sum((1, 2))).batch_size == 42
+    assert sc.PerExampleLoss(large, batch_size=7).batch_size == 7
+
+    model = torch.nn.Sequential(torch.nn.Linear(384, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+
+    def loss_fn(m, batch):
+        logits = m(batch[0]).mean(1)
+        return torch.nn.functional.cross_entropy(logits, batch[2], reduction="none")
+
+    auto, whole = sc.PerExampleLoss(large, loss_fn), sc.PerExampleLoss(large, loss_fn, batch_size=1024)
+    torch.testing.assert_close(auto(model), whole(model))
+    correct = (torch.randn(100, 5), torch.randint(0, 3, (100,)))
+    assert sc.PerExampleCorrect(correct).batch_size == 1024
