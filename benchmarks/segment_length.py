@@ -11,8 +11,8 @@ stage's length like retraining's; a cap fixes the number of segments per stage,
 so its cost stops growing once a stage is that many intervals long, and the
 question is what that costs in agreement with retraining.
 
-Seconds: the second of two calls with cached embeddings cleared (the first
-pays one-time set-up), linear mode (the embeddings plus one scoring pass);
+Seconds: the median of three calls after a first (which pays one-time
+set-up), cached embeddings cleared before each, linear mode (the embeddings plus one scoring pass);
 model mode reuses the embeddings. Ratios against retraining come from the same
 run. One seed per pipeline (``benchmarks/curvature_schemes.py`` has the
 five-seed spread of the default). Writes benchmarks/results/segment_length.{json,md}.
@@ -21,6 +21,7 @@ five-seed spread of the default). Writes benchmarks/results/segment_length.{json
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -38,15 +39,16 @@ def _cap(text: str):
 
 
 def _timed_attribution(run, behaviour, options: sc.CurvatureOptions):
-    """``(linear, model, seconds)``: linear mode timed on its second call, model mode from the same embeddings."""
+    """``(linear, model, seconds)``: linear mode's median over three calls after a first, model mode from the same
+    embeddings."""
     seconds = []
-    for _ in range(2):
+    for _ in range(4):
         run._cache = {key: value for key, value in run._cache.items() if key[0] == "retrained"}
         start = time.perf_counter()
         linear = sc.attribute(run, behaviour, method="aa-curvature", mode="linear", curvature=options, progress=False)
         seconds.append(time.perf_counter() - start)
     model = sc.attribute(run, behaviour, method="aa-curvature", mode="model", curvature=options, progress=False)
-    return linear, model, seconds[-1]
+    return linear, model, statistics.median(seconds[1:])
 
 
 def main() -> None:
@@ -92,7 +94,8 @@ def main() -> None:
                 rows=table_rows,
                 note="aa-curvature with the default segments and CurvatureOptions(max_segments=…) (None: one segment "
                      "per checkpoint interval of 50 steps); aa (linear) for reference. seconds: linear mode, the "
-                     "second of two calls; retraining without each stage in turn timed in the same run. One seed.",
+                     "median of three calls after a first; retraining without each stage in turn timed in the same "
+                     "run. One seed.",
             ))
             tables[-1].print()
     write_results("segment_length", args.only, {"rows": rows}, tables,

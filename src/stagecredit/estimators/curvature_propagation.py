@@ -137,7 +137,7 @@ class CurvatureOptions:
       most 0.018 against one per interval on the stages the estimate tracks
       (5-stage s2 0.765 against 0.783) and gained on others (digits-adam's
       pretrain 0.437 against 0.416; the demo's pretrain, negative either way,
-      fell to −0.205 from −0.143) in 1.4–5.3× less time; 8 lost 0.17 on
+      fell to −0.205 from −0.143) in 1.9–3.9× less time; 8 lost 0.17 on
       digits-adam's pretrain (0.242).
       Stages up to 16 intervals long (every pipeline at its written length)
       are unaffected.
