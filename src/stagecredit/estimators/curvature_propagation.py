@@ -103,9 +103,9 @@ class CurvatureOptions:
     the checkpoints with 256 examples (the former default) 0.925 / 0.864 /
     0.963 and 0.669; ``adam-replay`` 0.971 / 0.910 / 0.982 and 0.745; the
     replay 0.989 / 0.935 / 0.982 and 0.851; ``aa`` 0.486 / 0.546 / 0.896 and
-    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.0924 s and
-    the replay 0.4328 s on 5-stage (retraining 0.2394 s); on a compute-bound
-    1.9M-parameter MLP 4.8284 s and 12.3332 s (retraining 2.9341 s).
+    0.438. ``benchmarks/cost.py`` (one run, linear mode): segments 0.0966 s and
+    the replay 0.4961 s on 5-stage (retraining 0.2494 s); on a compute-bound
+    1.9M-parameter MLP 4.2834 s and 12.9988 s (retraining 2.8399 s).
 
     ``curvature``: ``"hessian"`` or ``"ggn"`` (Gauss–Newton, positive
     semi-definite); default ``None``: the Hessian where later stages are
