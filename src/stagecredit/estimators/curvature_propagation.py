@@ -190,7 +190,10 @@ class CurvatureOptions:
     the 5-stage pipeline's s1 (0.490 without) and 0.909 on digits-adam's
     pretrain (0.851), segments with it 0.823 and 0.797 (0.427 and 0.687); in
     linear mode, which scores the far landing point by the slope at ``θ_T``,
-    the replay's first stage loses (``docs/concepts.md``).
+    the replay's first stage loses (``docs/concepts.md``). On the text demo's
+    pretrained transformer layer it loses in both modes (its settings, model
+    mode: 0.559 / 0.297 on pretrain / finetune against 0.653 / 0.577;
+    ``benchmarks/text_secant.py``), which is why the default stays ``0``.
 
     ``max_tangents`` (both schemes): at most this many stage (or source)
     perturbations travel together through the later stages; the rest follow in
